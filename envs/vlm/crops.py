@@ -1,0 +1,98 @@
+"""Molmo-style image preprocessing: a global view plus overlapping tiled crops.
+
+The tier knob sets `max_crops`; the tiling rule (Molmo's `select_tiling`) picks rows x cols with
+rows*cols <= max_crops that covers the image with the least upscaling, or failing that the least
+downscaling. Tiled crops overlap by `overlap_margin` patches on each side. Padding is tracked per
+patch so the connector can add Molmo's pad embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from envs.vlm.errors import InputError
+from envs.vlm.presets import VisionConfig
+
+
+@dataclass
+class Crops:
+    pixels: np.ndarray  # [n, 3, S, S] float32, normalised; index 0 is the global view
+    patch_mask: np.ndarray  # [n, P, P] float32: fraction of each patch that is image, not padding
+    tiling: tuple[int, int]  # (rows, cols) of tiled crops; (0, 0) for the global view only
+
+    @property
+    def n_crops(self) -> int:
+        return self.pixels.shape[0]
+
+
+def load_image(image) -> Image.Image:
+    """Accept a PIL image, an HxWx3 uint8 array or a path; anything else is a clear InputError."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"an image array must be HxWx3 uint8, got {image.shape} {image.dtype}")
+        return Image.fromarray(image)
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot read {path} as an image: {e}") from None
+    raise InputError(f"unsupported image type {type(image).__name__}")
+
+
+def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple[int, int]:
+    """Molmo's rule: cover the image at native size with the fewest pixels, else shrink least."""
+    tilings = [(i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1) if i * j <= max_crops]
+    sizes = np.array(tilings, dtype=np.float64) * window
+    scale = np.min(sizes / np.array([height, width], dtype=np.float64), axis=1)
+    if np.all(scale < 1):
+        return tilings[int(np.argmax(scale))]
+    scale[scale < 1] = np.inf
+    return tilings[int(np.argmin(scale))]
+
+
+def resize_and_pad(img: Image.Image, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit `img` into height x width keeping its aspect ratio, centred; return pixels and a 0/1 mask."""
+    scale = min(height / img.height, width / img.width)
+    h, w = max(1, round(img.height * scale)), max(1, round(img.width * scale))
+    resized = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+    top, left = (height - h) // 2, (width - w) // 2
+    out = np.zeros((height, width, 3), dtype=np.float32)
+    mask = np.zeros((height, width), dtype=np.float32)
+    out[top : top + h, left : left + w] = resized
+    mask[top : top + h, left : left + w] = 1.0
+    return out, mask
+
+
+def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
+    img = load_image(image)
+    if img.width < 1 or img.height < 1:
+        raise InputError("the image is empty")
+    size, patch = cfg.crop_size, cfg.patch_size
+    views = [resize_and_pad(img, size, size)]
+    tiling = (0, 0)
+    if max_crops > 0:
+        margin = cfg.overlap_margin * patch
+        window = size - 2 * margin
+        tiling = select_tiling(img.height, img.width, window, max_crops)
+        big, big_mask = resize_and_pad(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
+        for i in range(tiling[0]):
+            for j in range(tiling[1]):
+                y, x = i * window, j * window
+                views.append((big[y : y + size, x : x + size], big_mask[y : y + size, x : x + size]))
+    pixels = np.stack([v[0] for v in views])  # [n, S, S, 3]
+    pixels = (pixels - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
+    masks = np.stack([v[1] for v in views])
+    p = cfg.patches_per_side
+    patch_mask = masks.reshape(len(views), p, patch, p, patch).mean(axis=(2, 4))
+    return Crops(pixels.transpose(0, 3, 1, 2).copy(), patch_mask.astype(np.float32), tiling)

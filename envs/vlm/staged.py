@@ -1,0 +1,74 @@
+"""The knobbed LLM forward: a decoder layer of `OlmoeModel` run with a per-call router top-k.
+
+Knobs are arguments here, never attributes set on shared modules, so concurrent or successive
+requests cannot leak into each other. The runner calls the layer's own submodules (norms,
+`OlmoeAttention`, router weight, `OlmoeExperts`), so the numerics are those of `transformers`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Per-layer key/value cache with the `update` signature `OlmoeAttention` calls.
+
+    `fork()` shares the already cached tensors without copying; updates concatenate into new
+    tensors, so a forked cache never changes its parent. That is what lets one prefix state of
+    layers 0-2 serve many `finish` calls with different knobs.
+    """
+
+    def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.layers = dict(layers or {})
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx in self.layers:
+            k0, v0 = self.layers[layer_idx]
+            key, value = torch.cat([k0, key], dim=-2), torch.cat([v0, value], dim=-2)
+        self.layers[layer_idx] = (key, value)
+        return key, value
+
+    def fork(self) -> KVCache:
+        return KVCache(self.layers)
+
+
+def attention_mask(valid: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal + padding mask [B, 1, n_query, S] for the last `n_query` of S positions.
+
+    Padding queries may see themselves so no row is fully masked (their outputs are never read).
+    """
+    s = valid.shape[1]
+    q_pos = torch.arange(s - n_query, s, device=valid.device)[:, None]
+    k_pos = torch.arange(s, device=valid.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & valid[:, None, :]
+    allowed |= (k_pos == q_pos)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`OlmoeSparseMoeBlock.forward` with the router's top-k given per call."""
+    b, t, d = x.shape
+    flat = x.reshape(-1, d)
+    router_logits = F.linear(flat, mlp.gate.weight)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+    weights, index = torch.topk(probs, top_k, dim=-1)
+    if mlp.gate.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return mlp.experts(flat, index, weights.to(router_logits.dtype)).reshape(b, t, d)
+
+
+def run_layer(layer: nn.Module, h, position_embeddings, mask, cache: KVCache | None, top_k: int):
+    """`OlmoeDecoderLayer.forward` with a per-call top-k."""
+    residual = h
+    x, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(h),
+        position_embeddings=position_embeddings,
+        attention_mask=mask,
+        cache=cache,
+    )
+    h = residual + x
+    return h + moe_forward(layer.mlp, layer.post_attention_layernorm(h), top_k)

@@ -1,0 +1,70 @@
+"""Ask the VLM one question about one image with chosen knobs.
+
+    python scripts/answer.py --model tiny --image cat.png --question "what colour?" \
+        --tier high --top-k 8 --blocks 13 --json
+    python scripts/answer.py --model tiny --list-knobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from envs.latency import timed_answer
+from envs.vlm.checkpoint import load_model
+from envs.vlm.errors import CheckpointError, InputError, KnobError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="a preset name (tiny, molmoe-1b) or a model directory")
+    ap.add_argument("--image")
+    ap.add_argument("--question")
+    ap.add_argument("--tier", default="high")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--blocks", type=int)
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--json", action="store_true", help="print one JSON object with the answer and its costs")
+    ap.add_argument("--list-knobs", action="store_true", help="print the preset's knob values as JSON")
+    args = ap.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if args.list_knobs else "default")
+            model = load_model(args.model)
+        if args.list_knobs:
+            print(json.dumps(model.cfg.knob_lists()))
+            return 0
+        if args.image is None or args.question is None:
+            ap.error("--image and --question are required (or --list-knobs)")
+        top_k = args.top_k if args.top_k is not None else max(model.cfg.knobs.top_k)
+        blocks = args.blocks if args.blocks is not None else max(model.cfg.knobs.blocks)
+        res = timed_answer(model, args.image, args.question, args.tier, top_k, blocks, args.max_new_tokens)
+    except (InputError, KnobError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gen = res.generation
+    if not args.json:
+        print(gen.answers[0])
+        return 0
+    out = {
+        "answer": gen.answers[0],
+        "tier": args.tier,
+        "top_k": top_k,
+        "blocks": blocks,
+        "vision_tokens": res.vision_tokens,
+        "prompt_tokens": res.prompt_tokens,
+        "crops": res.crops,
+        "generated_tokens": len(gen.token_ids[0]),
+        "layers_run": gen.layers_run,
+        "expert_calls": gen.expert_calls[0],
+        "block_ranking": model.ranking.method,
+        "latency_ms": {**{k: round(v, 3) for k, v in res.parts_ms.items()}, "total": round(res.total_ms, 3)},
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
