@@ -52,7 +52,14 @@ class TimedAnswer:
 
 
 def timed_answer(
-    model, image, question: str, tier: str, top_k: int, blocks: int, max_new_tokens: int | None = None
+    model,
+    image,
+    question: str,
+    tier: str,
+    top_k: int,
+    blocks: int,
+    max_new_tokens: int | None = None,
+    ignore_eos: bool = False,
 ) -> TimedAnswer:
     """Run one request through every stage with timers around each; knobs checked first."""
     model.check_knobs(tier, top_k, blocks)
@@ -68,7 +75,7 @@ def timed_answer(
             prepared = model.connect(pre, features)
         with timer.stage("prefill"):
             state = model.prefix(prepared)
-    gen = model.generate(state, model.layers_for(blocks), top_k, max_new_tokens, timer=timer)
+    gen = model.generate(state, model.layers_for(blocks), top_k, max_new_tokens, timer=timer, ignore_eos=ignore_eos)
     gen.blocks = blocks
     timer._sync()
     total = (time.perf_counter() - t0) * 1e3

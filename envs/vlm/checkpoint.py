@@ -74,9 +74,7 @@ def check_state_dict(model: KnobVLM, state: dict[str, torch.Tensor], source: str
         raise CheckpointError(f"{source} does not fit preset {model.cfg.name}: " + "; ".join(problems))
 
 
-def load_dir(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> KnobVLM:
+def load_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> KnobVLM:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
@@ -109,16 +107,12 @@ def _rebuild_buffers(model: KnobVLM) -> None:
     rot.original_inv_freq = inv_freq.clone()
 
 
-def load_model(
-    spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> KnobVLM:
+def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> KnobVLM:
     """A model directory, or a preset name (shipped weights if any, else random initialisation)."""
     if str(spec) in PRESETS:
         shipped = EMBEDDED / str(spec)
         if (shipped / WEIGHTS).is_file():
             return load_dir(shipped, device, dtype)
-        warnings.warn(
-            f"no trained weights ship for preset {spec!r}; using a random initialisation", stacklevel=2
-        )
+        warnings.warn(f"no trained weights ship for preset {spec!r}; using a random initialisation", stacklevel=2)
         return build_model(str(spec), device=device, dtype=dtype)
     return load_dir(spec, device, dtype)

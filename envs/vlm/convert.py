@@ -53,9 +53,7 @@ def convert_molmo_state_dict(state: dict[str, torch.Tensor], cfg: VLMConfig) -> 
 
     # Vision: Molmo embeds patches with a Linear over (dy, dx, channel)-ordered pixels; CLIP uses a conv.
     w = src(vit + "patch_embedding.weight")
-    out["vit.embeddings.patch_embedding.weight"] = w.reshape(v.width, v.patch_size, v.patch_size, 3).permute(
-        0, 3, 1, 2
-    )
+    out["vit.embeddings.patch_embedding.weight"] = w.reshape(v.width, v.patch_size, v.patch_size, 3).permute(0, 3, 1, 2)
     out["vit.embeddings.class_embedding"] = src(vit + "class_embedding")
     out["vit.embeddings.position_embedding.weight"] = src(vit + "positional_embedding")
     for p in ("weight", "bias"):
@@ -121,11 +119,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"no *.safetensors or *.bin weights in {path}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        part = (
-            load_file(str(f))
-            if f.suffix == ".safetensors"
-            else torch.load(f, map_location="cpu", weights_only=True)
-        )
+        part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
         state.update(part)
     return state
 

@@ -84,7 +84,7 @@ def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
     if max_crops > 0:
         margin = cfg.overlap_margin * patch
         window = size - 2 * margin
-        tiling = select_tiling(img.height, img.width, window, max_crops)
+        tiling = select_tiling(img.height - 2 * margin, img.width - 2 * margin, window, max_crops)
         big, big_mask = resize_and_pad(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
         for i in range(tiling[0]):
             for j in range(tiling[1]):

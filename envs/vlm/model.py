@@ -130,13 +130,9 @@ class KnobVLM(nn.Module):
         if tier is not None and tier not in TIERS:
             raise KnobError(f"unknown tier {tier!r}; choose one of {list(TIERS)}")
         if top_k is not None and top_k not in k.top_k:
-            raise KnobError(
-                f"top_k={top_k} is not offered by preset {self.cfg.name}; choose one of {list(k.top_k)}"
-            )
+            raise KnobError(f"top_k={top_k} is not offered by preset {self.cfg.name}; choose one of {list(k.top_k)}")
         if blocks is not None and blocks not in k.blocks:
-            raise KnobError(
-                f"blocks={blocks} is not offered by preset {self.cfg.name}; choose one of {list(k.blocks)}"
-            )
+            raise KnobError(f"blocks={blocks} is not offered by preset {self.cfg.name}; choose one of {list(k.blocks)}")
 
     def layers_for(self, blocks: int) -> list[int]:
         """Layers 0-2, then the `blocks` most important of 3..L-1 in their original order."""
@@ -181,9 +177,7 @@ class KnobVLM(nn.Module):
             else:
                 answer_lengths.append(0)
             if len(seq) + self.cfg.max_new_tokens > self.cfg.llm.max_positions:
-                raise InputError(
-                    f"the request needs {len(seq)} tokens; the model handles {self.cfg.llm.max_positions}"
-                )
+                raise InputError(f"the request needs {len(seq)} tokens; the model handles {self.cfg.llm.max_positions}")
             crops.append(c)
             token_ids.append(seq)
             patch_positions.append(pos)
@@ -286,7 +280,7 @@ class KnobVLM(nn.Module):
         return self.lm_head(self.llm.norm(h_last))
 
     def finish(
-        self, state: PrefixState, top_k: int, blocks: int, max_new_tokens: int | None = None
+        self, state: PrefixState, top_k: int, blocks: int, max_new_tokens: int | None = None, ignore_eos: bool = False
     ) -> Generation:
         """Layers 3.. with the knobs, then greedy decoding with the same knobs.
 
@@ -294,14 +288,23 @@ class KnobVLM(nn.Module):
         finished with many configs.
         """
         self.check_knobs(top_k=top_k, blocks=blocks)
-        gen = self.generate(state, self.layers_for(blocks), top_k, max_new_tokens)
+        gen = self.generate(state, self.layers_for(blocks), top_k, max_new_tokens, ignore_eos=ignore_eos)
         gen.blocks = blocks
         return gen
 
     def generate(
-        self, state: PrefixState, layers: list[int], top_k: int, max_new_tokens: int | None = None, timer=None
-    ):
-        """`finish` with an explicit layer list (layers 0-2 first); used by rankings and ablations."""
+        self,
+        state: PrefixState,
+        layers: list[int],
+        top_k: int,
+        max_new_tokens: int | None = None,
+        timer=None,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """`finish` with an explicit layer list (layers 0-2 first); used by rankings and ablations.
+
+        `ignore_eos` decodes exactly `max_new_tokens` tokens, so profiles compare configs at equal length.
+        """
         if list(layers[:FIRST_KNOBBED_LAYER]) != list(range(FIRST_KNOBBED_LAYER)):
             raise KnobError(f"layers 0-{FIRST_KNOBBED_LAYER - 1} always run; got {layers}")
         max_new = max_new_tokens or self.cfg.max_new_tokens
@@ -329,7 +332,7 @@ class KnobVLM(nn.Module):
                     if done[i]:
                         continue
                     tok = int(nxt[i])
-                    if tok == eos:
+                    if tok == eos and not ignore_eos:
                         done[i] = True
                         continue
                     generated[i].append(tok)
@@ -372,9 +375,7 @@ class KnobVLM(nn.Module):
         return self.finish(self.prefix(self.prepare(images, questions, tier)), top_k, blocks, max_new_tokens)
 
     # ---------------------------------------------------------------- training-time forward
-    def forward_logits(
-        self, prepared: Prepared, layers: list[int], top_k: int, on_layer=None
-    ) -> torch.Tensor:
+    def forward_logits(self, prepared: Prepared, layers: list[int], top_k: int, on_layer=None) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] over all positions, with gradients (training, ranking)."""
         valid = prepared.valid
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)

@@ -100,9 +100,7 @@ def adalora_ranking(
     return BlockRanking.from_scores("adalora", scores, _describe(samples, tier))
 
 
-def block_influence_ranking(
-    model, samples: Sequence[Sample], tier: str = "high", batch_size: int = 8
-) -> BlockRanking:
+def block_influence_ranking(model, samples: Sequence[Sample], tier: str = "high", batch_size: int = 8) -> BlockRanking:
     n = model.cfg.llm.layers
     total = {i: 0.0 for i in range(FIRST, n)}
     count = 0.0
@@ -127,9 +125,7 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
-def leave_one_out_ranking(
-    model, samples: Sequence[Sample], tier: str = "high", batch_size: int = 8
-) -> BlockRanking:
+def leave_one_out_ranking(model, samples: Sequence[Sample], tier: str = "high", batch_size: int = 8) -> BlockRanking:
     n = model.cfg.llm.layers
     k = model.cfg.llm.top_k
     correct = {i: 0 for i in [None, *range(FIRST, n)]}
@@ -137,9 +133,7 @@ def leave_one_out_ranking(
         state = model.prefix(model.prepare(images, questions, tier))  # layers 0-2 once per batch
         for skip in correct:
             gen = model.generate(state, [i for i in range(n) if i != skip], k)
-            correct[skip] += sum(
-                _normalise(a) == _normalise(b) for a, b in zip(gen.answers, answers, strict=True)
-            )
+            correct[skip] += sum(_normalise(a) == _normalise(b) for a, b in zip(gen.answers, answers, strict=True))
     full = correct.pop(None)
     scores = {i: (full - c) / len(samples) for i, c in correct.items()}
     return BlockRanking.from_scores("leave_one_out", scores, _describe(samples, tier))
