@@ -40,21 +40,20 @@ BASE_WORDS = (
     "star stars shape shapes object objects red green blue yellow purple orange white black gray grey "
     "pink brown cyan yes no more fewer than greater less same different zero one two three four "
     "five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
-    "eighteen nineteen twenty does do any next bigger smaller first second"
+    "eighteen nineteen twenty does do any next bigger smaller first second digits letters "
+    "circles squares triangles stars"
 ).split()
 
 
 def build_word_tokenizer(words: list[str] | tuple[str, ...] = BASE_WORDS) -> Tokenizer:
-    """A lowercase word-level tokenizer: specials, single characters, digits, then `words`."""
+    """A lowercase word-level tokenizer: specials, letters, punctuation, numbers 0-99, then `words`."""
     vocab: dict[str, int] = {}
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789?.,:;!'-+=")
+    chars = list("abcdefghijklmnopqrstuvwxyz?.,:;!'-+=") + [str(i) for i in range(100)]
     for tok in [*SPECIAL_TOKENS.values(), *chars, *words]:
         vocab.setdefault(tok, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
     return tok

@@ -1,0 +1,206 @@
+"""SynthVQA: seeded synthetic scenes whose questions need different knobs.
+
+Every sample is a pure function of (split seed, index), so any seed gives a fresh split of the
+same difficulty and nothing has to be stored. Images are 160 x 160: the global view sees them at
+0.4x, the medium tier (2x2 crops) at 0.7x, the high tier (3x3 crops) at native size.
+
+| family   | question                                   | what it needs                        |
+|----------|--------------------------------------------|--------------------------------------|
+| colour   | colour of the largest shape                | global view suffices                 |
+| presence | is there a small <colour> <shape>?         | medium tier: 10 px objects           |
+| glyph    | which letter is in the <corner> corner?    | high tier: 7 px letters              |
+| count    | how many <shape>s are there?               | depth                                |
+| sum      | sum of the two large digits                | depth and experts                    |
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from envs.tasks.data import Sample
+
+SIZE = 160
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220), "yellow": (230, 200, 20),
+    "purple": (140, 40, 180), "orange": (240, 130, 20), "cyan": (20, 190, 200), "black": (20, 20, 20),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle", "star")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+FAMILIES = ("colour", "presence", "glyph", "count", "sum")
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3}
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        s = r * 0.85
+        d.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)], fill=fill)
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        d.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+class _Scene:
+    """A canvas that places non-overlapping objects by rejection sampling."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        base = int(rng.integers(200, 245))
+        noise = rng.normal(0, 5, (SIZE, SIZE, 3))
+        self.image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        self.draw = ImageDraw.Draw(self.image)
+        self.boxes: list[tuple[float, float, float]] = []
+
+    def place(self, r: float, margin: float = 2, region=(0, SIZE, 0, SIZE)) -> tuple[float, float]:
+        y0, y1, x0, x1 = region
+        for _ in range(200):
+            cx = self.rng.uniform(x0 + r + margin, x1 - r - margin)
+            cy = self.rng.uniform(y0 + r + margin, y1 - r - margin)
+            if all(math.hypot(cx - x, cy - y) > r + rr + margin for x, y, rr in self.boxes):
+                self.boxes.append((cx, cy, r))
+                return cx, cy
+        raise RuntimeError("scene too crowded")  # never with the counts used below
+
+    def shape(self, shape: str, colour: str, r: float, region=(0, SIZE, 0, SIZE)) -> None:
+        cx, cy = self.place(r, region=region)
+        draw_shape(self.draw, shape, cx, cy, r, COLOURS[colour])
+
+    def text(self, text: str, size: int, colour: str, region=(0, SIZE, 0, SIZE)) -> None:
+        font = _font(size)
+        left, top, right, bottom = self.draw.textbbox((0, 0), text, font=font)
+        r = max(right - left, bottom - top) / 2 + 1
+        cx, cy = self.place(r, region=region)
+        self.draw.text((cx - (left + right) / 2, cy - (top + bottom) / 2), text, font=font, fill=COLOURS[colour])
+
+
+def _pick(rng, seq, exclude=()):
+    options = [x for x in seq if x not in exclude]
+    return options[int(rng.integers(len(options)))]
+
+
+def _distractors(scene: _Scene, n: int, r_range=(7, 12), colours=tuple(COLOURS), shapes=SHAPES) -> None:
+    for _ in range(n):
+        scene.shape(_pick(scene.rng, shapes), _pick(scene.rng, colours), scene.rng.uniform(*r_range))
+
+
+def _colour(scene: _Scene):
+    rng = scene.rng
+    colour = _pick(rng, COLOURS)
+    scene.shape(_pick(rng, SHAPES), colour, rng.uniform(28, 40))
+    _distractors(scene, int(rng.integers(2, 5)), (7, 14), colours=[c for c in COLOURS if c != colour])
+    return "what colour is the largest shape?", colour
+
+
+def _presence(scene: _Scene):
+    rng = scene.rng
+    colour, shape = _pick(rng, COLOURS), _pick(rng, SHAPES)
+    present = bool(rng.integers(2))
+    if present:
+        scene.shape(shape, colour, 5)
+    else:  # a hard negative: right colour, wrong shape, or right shape, wrong colour
+        if rng.integers(2):
+            scene.shape(_pick(rng, SHAPES, [shape]), colour, 5)
+        else:
+            scene.shape(shape, _pick(rng, COLOURS, [colour]), 5)
+    for _ in range(int(rng.integers(1, 4))):  # other small objects never match the question
+        s, c = _pick(rng, SHAPES), _pick(rng, COLOURS)
+        if (s, c) != (shape, colour):
+            scene.shape(s, c, 5)
+    _distractors(scene, int(rng.integers(1, 3)), (12, 18))
+    return f"is there a small {colour} {shape}?", "yes" if present else "no"
+
+
+def _glyph(scene: _Scene):
+    rng = scene.rng
+    letters = rng.choice(list(LETTERS), size=4, replace=False)
+    half = SIZE / 2
+    for letter, (row, col) in zip(letters, CORNERS.values(), strict=True):
+        region = (row * half + (0 if row == 0 else 30), row * half + (50 if row == 0 else half), 0, SIZE)
+        region = (region[0], region[1], col * half + (0 if col == 0 else 30), col * half + (50 if col == 0 else half))
+        scene.text(str(letter), 9, _pick(rng, ["black", "blue", "red", "purple"]), region=region)
+    _distractors(scene, int(rng.integers(1, 3)), (8, 14))
+    corner = list(CORNERS)[int(rng.integers(4))]
+    return f"which letter is in the {corner} corner?", str(letters[list(CORNERS).index(corner)])
+
+
+def _count(scene: _Scene):
+    rng = scene.rng
+    shape = _pick(rng, SHAPES)
+    n = int(rng.integers(0, 7))
+    for _ in range(n):
+        scene.shape(shape, _pick(rng, COLOURS), rng.uniform(9, 13))
+    _distractors(scene, int(rng.integers(0, 4)), (9, 13), shapes=[s for s in SHAPES if s != shape])
+    return f"how many {shape}s are there?", str(n)
+
+
+def _sum(scene: _Scene):
+    rng = scene.rng
+    a, b = int(rng.integers(10)), int(rng.integers(10))
+    c1 = _pick(rng, COLOURS, ["yellow", "cyan"])
+    scene.text(str(a), 40, c1, region=(0, SIZE, 0, SIZE / 2))
+    scene.text(str(b), 40, _pick(rng, COLOURS, ["yellow", "cyan", c1]), region=(0, SIZE, SIZE / 2, SIZE))
+    _distractors(scene, int(rng.integers(0, 3)), (6, 10))
+    return "what is the sum of the two digits?", str(a + b)
+
+
+GENERATORS = {"colour": _colour, "presence": _presence, "glyph": _glyph, "count": _count, "sum": _sum}
+
+
+def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
+    """Sample `index` of the split with `seed`; families cycle so every split is balanced."""
+    fam = family or FAMILIES[index % len(FAMILIES)]
+    if fam not in GENERATORS:
+        raise ValueError(f"unknown SynthVQA family {fam!r}; choose one of {list(FAMILIES)}")
+    rng = np.random.default_rng([seed, index, FAMILIES.index(fam)])
+    scene = _Scene(rng)
+    question, answer = GENERATORS[fam](scene)
+    return Sample(f"synthvqa-{seed}-{index}", scene.image, question, [answer] * 10, fam)
+
+
+class SynthVQA:
+    """A split: `SynthVQA(seed, n)[i]` is deterministic; iterate or index lazily."""
+
+    def __init__(self, seed: int, n: int, families: tuple[str, ...] = FAMILIES):
+        unknown = set(families) - set(FAMILIES)
+        if unknown or not families:
+            raise ValueError(f"unknown SynthVQA families {sorted(unknown)}; choose from {list(FAMILIES)}")
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        self.seed, self.n, self.families = seed, n, tuple(families)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return make_sample(self.seed, i, self.families[i % len(self.families)])
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+
+def vocabulary() -> list[str]:
+    """Every word a SynthVQA question or answer uses (the tiny tokenizer must know them all)."""
+    words = {"what", "colour", "is", "the", "largest", "shape", "there", "a", "small", "which", "letter", "in",
+             "corner", "how", "many", "are", "sum", "of", "two", "digits", "yes", "no", "top", "bottom", "left",
+             "right"}  # fmt: skip
+    words |= set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(LETTERS) | {str(i) for i in range(19)}
+    return sorted(words)

@@ -1,0 +1,155 @@
+"""Knob-elastic training of a preset on SynthVQA, then its block ranking.
+
+Every batch samples a config: a tier, a router top-k, and a random subset of layers 3..L-1 of a
+size from the preset's blocks list (LayerDrop-style), so every one of the 75 configs stays usable
+whatever ranking picks the layers later. With probability `p_full` the batch uses the full config
+instead, which anchors the best config's accuracy (the "sandwich" idea of slimmable networks).
+Read top to bottom: args, setup/resume, loop, ranking, save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, make_sample
+from envs.vlm.checkpoint import build_model, save_model
+from envs.vlm.evaluate import Config, accuracy_table, sweep
+from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
+from envs.vlm.ranking import compute_ranking
+
+
+@dataclass
+class TrainArgs:
+    out: Path = Path("runs/tiny_vlm")
+    preset: str = "tiny"
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    p_full: float = 0.3
+    tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
+    seed: int = 0
+    val_every: int = 250
+    val_n: int = 250
+    ckpt_every: int = 50
+    ranking: str = "adalora"
+    ranking_n: int = 256
+    ship: Path | None = None  # also write the final model directory here
+    ship_dtype: str = "float16"
+
+
+def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs) -> tuple[str, int, list[int]]:
+    n_layers = cfg.llm.layers
+    w = np.array(args.tier_weights, dtype=np.float64)
+    tier = TIERS[int(rng.choice(3, p=w / w.sum()))]
+    if rng.random() < args.p_full:
+        return tier, cfg.llm.top_k, list(range(n_layers))
+    top_k = int(rng.choice(cfg.knobs.top_k))
+    blocks = int(rng.choice(cfg.knobs.blocks))
+    kept = sorted(rng.choice(np.arange(FIRST_KNOBBED_LAYER, n_layers), size=blocks, replace=False).tolist())
+    return tier, top_k, list(range(FIRST_KNOBBED_LAYER)) + kept
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def validation_configs(model) -> list[Config]:
+    k, b = model.cfg.knobs, model.cfg.knobs
+    return [
+        Config(t, top, blk)
+        for t in TIERS
+        for top, blk in ((max(k.top_k), max(b.blocks)), (min(k.top_k), min(b.blocks)))
+    ]
+
+
+def save_checkpoint(path: Path, model, opt, step: int) -> None:
+    """Atomic: a kill at any moment leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def train(args: TrainArgs) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
+    model = build_model(args.preset, seed=args.seed).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    ckpt = args.out / "checkpoint.pt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        print(f"resumed from {ckpt} at step {start}")
+    writer = SummaryWriter(str(args.out / "tb"))
+    train_seed = SPLIT_SEEDS["train"]
+    val = list(SynthVQA(SPLIT_SEEDS["val"], args.val_n))
+    t0 = time.time()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
+    for step in bar:
+        rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
+        tier, top_k, layers = sample_knobs(rng, model.cfg, args)
+        batch = [make_sample(train_seed, step * args.batch_size + i) for i in range(args.batch_size)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        prepared = model.prepare(
+            [s.image for s in batch], [s.question for s in batch], tier, answers=[s.answer for s in batch], grad=True
+        )
+        loss = model.answer_loss(prepared, layers, top_k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", tier=tier, k=top_k, d=len(layers))
+        writer.add_scalar("train/loss", loss.item(), step)
+        writer.add_scalar("train/grad_norm", float(gnorm), step)
+        writer.add_scalar("train/lr", lr_at(step, args), step)
+        writer.add_scalar("train/depth", len(layers), step)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt, model, opt, step + 1)
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            model.eval()
+            configs = validation_configs(model)
+            _, em, _ = sweep(model, val, configs, progress=False)
+            for row in accuracy_table(val, configs, em):
+                tag = f"{row['tier']}_k{row['top_k']}_b{row['blocks']}"
+                writer.add_scalar(f"val/{tag}", row["accuracy"], step + 1)
+                for fam, acc in row["by_family"].items():
+                    writer.add_scalar(f"val_family/{tag}/{fam}", acc, step + 1)
+                tqdm.write(f"step {step + 1} {tag}: {row['accuracy']:.3f} {json.dumps(row['by_family'])}")
+            model.train()
+    writer.add_scalar("train/minutes", (time.time() - t0) / 60, args.steps)
+    writer.close()
+
+    model.eval()
+    calib = [(s.image, s.question, s.answer) for s in SynthVQA(SPLIT_SEEDS["calibration"], args.ranking_n)]
+    model.ranking = compute_ranking(model, args.ranking, calib, tier="high")
+    print(f"block ranking ({model.ranking.method}): {model.ranking.order}")
+    out = save_model(model, args.out / "model", dtype=getattr(torch, args.ship_dtype))
+    if args.ship:
+        save_model(model, args.ship, dtype=getattr(torch, args.ship_dtype))
+    return out

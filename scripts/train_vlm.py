@@ -1,0 +1,44 @@
+"""Train the tiny VLM on SynthVQA with sampled knobs, rank its blocks, and save (optionally ship) it.
+
+    python scripts/train_vlm.py --out runs/tiny_vlm --steps 3000 --ship envs/vlm/weights/tiny
+
+Resumable: run the same command again after an interruption. TensorBoard logs in OUT/tb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from envs.vlm.train import TrainArgs, train
+
+
+def parse(argv: list[str] | None) -> TrainArgs:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(TrainArgs)
+    for f in dataclasses.fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "tier_weights":
+            ap.add_argument(flag, type=float, nargs=3, default=f.default, metavar=("LOW", "MED", "HIGH"))
+        elif hints[f.name] in (Path, Path | None):
+            ap.add_argument(flag, type=Path, default=f.default)
+        else:
+            ap.add_argument(flag, type=type(f.default), default=f.default)
+    ns = ap.parse_args(argv)
+    args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights)})
+    if args.steps <= 0 or args.batch_size <= 0:
+        ap.error("--steps and --batch-size must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = train(parse(argv))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

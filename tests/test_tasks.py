@@ -1,0 +1,107 @@
+"""SynthVQA, dataset loaders and VQA metrics."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from envs.tasks.data import Sample, export_manifest, load_manifest, load_vqav2
+from envs.tasks.metrics import exact_match, normalize_answer, vqa_soft_accuracy
+from envs.tasks.synthvqa import FAMILIES, SynthVQA, make_sample, vocabulary
+from envs.vlm.tokenizer import TextTokenizer, build_word_tokenizer
+
+
+def test_synthvqa_is_deterministic_per_seed_and_index():
+    a, b, c = make_sample(5, 17), make_sample(5, 17), make_sample(6, 17)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.question == b.question
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+    assert a.image.size == (160, 160)
+
+
+def test_synthvqa_split_is_balanced_and_answers_are_plausible():
+    split = list(SynthVQA(11, 250))
+    assert Counter(s.family for s in split) == dict.fromkeys(FAMILIES, 50)
+    by = {f: [s.answer for s in split if s.family == f] for f in FAMILIES}
+    assert set(by["presence"]) == {"yes", "no"} and 15 < by["presence"].count("yes") < 35
+    assert all(0 <= int(a) <= 6 for a in by["count"]) and len(set(by["count"])) >= 5
+    assert all(0 <= int(a) <= 18 for a in by["sum"])
+    assert all(len(a) == 1 and a.isalpha() for a in by["glyph"]) and len(set(by["glyph"])) > 15
+    assert len(set(by["colour"])) >= 6
+    assert all(len(s.answers) == 10 for s in split)
+
+
+def test_every_question_and_answer_word_is_in_the_tiny_vocabulary():
+    tok = TextTokenizer(build_word_tokenizer())
+    unk = tok.ids["unk"]
+    for s in SynthVQA(3, 100):
+        assert unk not in tok.encode(s.question), s.question
+        assert tok.decode(tok.encode(s.answer)) == s.answer
+    assert all(tok.tokenizer.token_to_id(w) is not None for w in vocabulary())
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown SynthVQA famil"):
+        SynthVQA(0, 10, families=("colour", "poetry"))
+
+
+def test_manifest_round_trip(tmp_path):
+    samples = list(SynthVQA(4, 6))
+    path = export_manifest(samples, tmp_path)
+    loaded = load_manifest(path)
+    assert [s.question for s in loaded] == [s.question for s in samples]
+    assert [s.answers for s in loaded] == [s.answers for s in samples]
+    assert [s.family for s in loaded] == [s.family for s in samples]
+    for a, b in zip(samples, loaded, strict=True):
+        assert np.array_equal(np.asarray(a.image), np.asarray(Image.open(b.image).convert("RGB")))
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [('{"image": "x.png", "question": "q"}', "answers"), ("not json", "not a manifest row"),
+     ('{"image": "x.png", "question": "q", "answers": []}', "non-empty")],
+)  # fmt: skip
+def test_bad_manifest_rows_name_the_line(tmp_path, line, match):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.png", "question": "q", "answers": ["x"]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"m.jsonl:2: .*{match}"):
+        load_manifest(path)
+
+
+def test_vqav2_loader(tmp_path):
+    (tmp_path / "img").mkdir()
+    for image_id in (42, 7):
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"COCO_val2014_{image_id:012d}.jpg")
+    questions = {"questions": [{"image_id": 42, "question": "what?", "question_id": 420},
+                               {"image_id": 7, "question": "how many?", "question_id": 70}]}  # fmt: skip
+    answers = [{"answer": "2"}] * 6 + [{"answer": "two"}] * 2 + [{"answer": "3"}] * 2
+    annotations = {"annotations": [{"question_id": 420, "answers": [{"answer": "red"}] * 10, "answer_type": "other"},
+                                   {"question_id": 70, "answers": answers, "answer_type": "number"}]}  # fmt: skip
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    samples = load_vqav2(tmp_path / "q.json", tmp_path / "a.json", tmp_path / "img")
+    assert [s.id for s in samples] == ["420", "70"]
+    assert samples[1].image.name == "COCO_val2014_000000000007.jpg"
+    assert samples[1].family == "number" and samples[1].answer == "2"
+    assert vqa_soft_accuracy("two", samples[1].answers) == 1.0  # 8 of 10 say 2 after normalisation
+
+
+@pytest.mark.parametrize(
+    "raw,norm",
+    [("Two.", "2"), ("the Red", "red"), ("  yes!", "yes"), ("a dog", "dog"), ("3.5", "3.5"), ("dont", "don't")],
+)
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_vqa_soft_accuracy_leave_one_out():
+    answers = ["cat"] * 3 + ["dog"] * 7
+    assert vqa_soft_accuracy("cat", answers) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+    assert vqa_soft_accuracy("cow", ["cow"] + ["dog"] * 9) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_soft_accuracy("dog", answers) == 1.0
+    assert exact_match("Dog", answers) == 1.0 and exact_match("cat", answers) == 0.0
+
+
+def test_sample_majority_answer():
+    assert Sample("1", Image.new("RGB", (4, 4)), "q", ["a", "b", "b"]).answer == "b"

@@ -1,0 +1,73 @@
+"""Knob-elastic training (a few steps), resuming, and the accuracy report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.vlm.checkpoint import build_model, load_dir
+from envs.vlm.evaluate import Config, accuracy_table, sweep
+from envs.vlm.train import TrainArgs, lr_at, sample_knobs, train
+from scripts.eval_vlm import main as eval_main
+
+
+def test_sample_knobs_cover_the_knob_space():
+    cfg = build_model("tiny", device="meta").cfg
+    args = TrainArgs(p_full=0.2)
+    rng = np.random.default_rng(0)
+    seen = [sample_knobs(rng, cfg, args) for _ in range(400)]
+    assert {t for t, _, _ in seen} == {"low", "medium", "high"}
+    assert {k for _, k, _ in seen} == {1, 2, 4, 6, 8}
+    assert {len(layers) - 3 for _, _, layers in seen} == {5, 7, 9, 11, 13}
+    for _, _, layers in seen:
+        assert layers[:3] == [0, 1, 2] and layers == sorted(set(layers)) and max(layers) <= 15
+    subsets = {tuple(layers) for _, _, layers in seen if len(layers) == 8}
+    assert len(subsets) > 10  # random subsets, not a fixed ranking
+    full = sum(k == 8 and len(layers) == 16 for _, k, layers in seen) / len(seen)
+    assert 0.15 < full < 0.35
+
+
+def test_lr_schedule():
+    args = TrainArgs(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, args) == pytest.approx(1e-4)
+    assert lr_at(9, args) == pytest.approx(1e-3)
+    assert lr_at(100, args) == pytest.approx(1e-4)
+
+
+def test_train_resumes_and_ships(tmp_path):
+    common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
+    train(TrainArgs(steps=2, **common))
+    first = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert first["step"] == 2
+    out = train(TrainArgs(steps=3, ship=tmp_path / "shipped", **common))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
+    model = load_dir(tmp_path / "shipped")
+    assert model.ranking.method == "adalora" and sorted(model.ranking.order) == list(range(3, 16))
+    assert load_dir(out).cfg.name == "tiny"
+    trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]["lm_head.weight"]
+    assert not torch.equal(trained, first["model"]["lm_head.weight"])  # the third step changed weights
+
+
+def test_sweep_matches_single_calls(tiny):
+    from envs.tasks.synthvqa import SynthVQA
+
+    samples = list(SynthVQA(9, 4))
+    configs = [Config("low", 8, 13), Config("high", 1, 5), Config("low", 2, 7)]
+    answers, em, vqa = sweep(tiny, samples, configs, batch_size=3, progress=False)
+    for j, c in enumerate(configs):
+        for i, s in enumerate(samples):
+            assert answers[i][j] == tiny.answer([s.image], [s.question], c.tier, c.top_k, c.blocks).answers[0]
+    rows = accuracy_table(samples, configs, em)
+    assert [r["tier"] for r in rows] == ["low", "high", "low"]
+    assert set(rows[0]["by_family"]) == {s.family for s in samples}
+
+
+def test_eval_script_writes_report_and_heat_map(tmp_path):
+    out = tmp_path / "eval.json"
+    assert eval_main(["--model", "tiny", "--seed", "9", "--n", "5", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["configs"]) == 75
+    assert {"tier", "top_k", "blocks", "accuracy", "by_family"} <= set(report["configs"][0])
+    assert all(0 <= r["accuracy"] <= 1 for r in report["configs"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
