@@ -70,7 +70,7 @@ def timed_answer(
         pre = model.preprocess([image], [question], tier)
     with torch.no_grad():
         with timer.stage("vision"):
-            features = model.encode_vision(torch.from_numpy(np.concatenate([c.pixels for c in pre.crops])))
+            features = model.encode_vision(pre.pixels())
         with timer.stage("connector"):
             prepared = model.connect(pre, features)
         with timer.stage("prefill"):
@@ -82,3 +82,124 @@ def timed_answer(
     return TimedAnswer(
         gen, prepared.vision_tokens[0], prepared.prompt_tokens[0], prepared.n_crops[0], dict(timer.ms), total
     )
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+
+
+def _fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares a + b*x; a constant when x does not vary."""
+    x_arr, y_arr = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.ptp(x_arr) == 0:
+        return float(np.median(y_arr)), 0.0
+    b, a = np.polyfit(x_arr, y_arr, 1)
+    return float(a), float(b)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median_ms": float(np.median(values)), "p90_ms": float(np.percentile(values, 90))}
+
+
+def profile_images() -> list[np.ndarray]:
+    """Noise images of several sizes and aspect ratios, so tiers yield several crop counts."""
+    rng = np.random.default_rng(0)
+    return [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in ((160, 160), (100, 220), (240, 120), (64, 64))]
+
+
+def profile_latency(model, repeats: int = 5, warmup: int = 2, new_tokens: int = 3, progress: bool = True) -> dict:
+    """Measure every stage of the latency definition; return a profile (raw medians + fitted model)."""
+    from tqdm import tqdm
+
+    question = "which letter is in the top left corner?"
+    knobs = model.cfg.knob_lists()
+    images = profile_images()
+    stage_rows, config_rows = [], []
+    steps = [(t, i) for t in knobs["tier"] for i in range(len(images))]
+    for tier, i in tqdm(steps, desc="profile", disable=not progress):
+        runs = {p: [] for p in ("preprocess", "vision", "connector", "prefix")}
+        for r in range(warmup + repeats):
+            timer = StageTimer(model.device)
+            with timer.stage("preprocess"):
+                pre = model.preprocess([images[i]], [question], tier)
+            with torch.no_grad():
+                with timer.stage("vision"):
+                    feats = model.encode_vision(pre.pixels())
+                with timer.stage("connector"):
+                    prepared = model.connect(pre, feats)
+                with timer.stage("prefill"):
+                    state = model.prefix(prepared)
+            if r >= warmup:
+                for p in ("preprocess", "vision", "connector"):
+                    runs[p].append(timer.ms[p])
+                runs["prefix"].append(timer.ms["prefill"])
+        crops, tokens = prepared.n_crops[0], prepared.prompt_tokens[0]
+        stage_rows.append({"tier": tier, "image": i, "crops": crops, "prompt_tokens": tokens,
+                           **{p: _stats(v) for p, v in runs.items()}})  # fmt: skip
+        if i != 0:
+            continue  # knob-dependent stages are measured on the first image at every tier
+        for k in knobs["top_k"]:
+            for b in knobs["blocks"]:
+                rest, per_token = [], []
+                for r in range(warmup + repeats):
+                    timer = StageTimer(model.device)
+                    gen = model.generate(state, model.layers_for(b), k, new_tokens, timer=timer, ignore_eos=True)
+                    if r >= warmup:
+                        rest.append(timer.ms["prefill"])
+                        per_token.append(timer.ms["decode"] / max(1, gen.decode_steps[0]))
+                config_rows.append({"tier": tier, "top_k": k, "blocks": b, "prompt_tokens": tokens,
+                                    "prefill_rest": _stats(rest), "decode_per_token": _stats(per_token)})  # fmt: skip
+    profile = {"stages": stage_rows, "configs": config_rows}
+    profile["model"] = LatencyModel.fit(profile).to_dict()
+    return profile
+
+
+@dataclass
+class LatencyModel:
+    """Predicts a request's latency parts from its shapes and knobs (fitted to a profile).
+
+    preprocess, vision, connector: a + b * crops. Layers 0-2: a + b * prompt tokens. Layers 3.. and
+    the first token: per (top_k, blocks), a + b * prompt tokens. Decode: per (top_k, blocks), a
+    median per-token cost times the number of decode steps (tokens fed back after the first).
+    """
+
+    per_crop: dict[str, tuple[float, float]]
+    prefix: tuple[float, float]
+    prefill_rest: dict[str, tuple[float, float]]  # "k|b" -> (a, b)
+    decode_per_token: dict[str, float]  # "k|b" -> ms
+
+    @classmethod
+    def fit(cls, profile: dict) -> LatencyModel:
+        st = profile["stages"]
+        crops = [r["crops"] for r in st]
+        per_crop = {p: _fit_line(crops, [r[p]["median_ms"] for r in st]) for p in ("preprocess", "vision", "connector")}
+        prefix = _fit_line([r["prompt_tokens"] for r in st], [r["prefix"]["median_ms"] for r in st])
+        groups: dict[str, list[dict]] = {}
+        for r in profile["configs"]:
+            groups.setdefault(f"{r['top_k']}|{r['blocks']}", []).append(r)
+        rest = {kb: _fit_line([r["prompt_tokens"] for r in g], [r["prefill_rest"]["median_ms"] for r in g])
+                for kb, g in groups.items()}  # fmt: skip
+        decode = {kb: float(np.median([r["decode_per_token"]["median_ms"] for r in g])) for kb, g in groups.items()}
+        return cls(per_crop, prefix, rest, decode)
+
+    def to_dict(self) -> dict:
+        return {"per_crop": self.per_crop, "prefix": self.prefix, "prefill_rest": self.prefill_rest,
+                "decode_per_token": self.decode_per_token}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyModel:
+        return cls({k: tuple(v) for k, v in d["per_crop"].items()}, tuple(d["prefix"]),
+                   {k: tuple(v) for k, v in d["prefill_rest"].items()}, dict(d["decode_per_token"]))  # fmt: skip
+
+    def predict(self, crops: int, prompt_tokens: int, top_k: int, blocks: int, decode_steps: int,
+                controller_ms: float = 0.0) -> dict[str, float]:  # fmt: skip
+        kb = f"{top_k}|{blocks}"
+        if kb not in self.prefill_rest:
+            raise ValueError(f"the latency profile has no config top_k={top_k}, blocks={blocks}")
+        parts = {p: max(0.0, a + b * crops) for p, (a, b) in self.per_crop.items()}
+        a0, b0 = self.prefix
+        a1, b1 = self.prefill_rest[kb]
+        parts["prefill"] = max(0.0, a0 + b0 * prompt_tokens) + max(0.0, a1 + b1 * prompt_tokens)
+        parts["decode"] = self.decode_per_token[kb] * decode_steps
+        parts["controller"] = controller_ms
+        parts["total"] = sum(parts[p] for p in PARTS)
+        return parts

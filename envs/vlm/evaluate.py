@@ -1,7 +1,7 @@
-"""Score a model on a dataset under many configs, sharing work between configs.
+"""Run a model on a dataset under many configs, sharing work between configs.
 
 Per batch and tier the crops, vision encoder, connector and layers 0-2 run once; every
-(top_k, blocks) pair then finishes from that prefix.
+(top_k, blocks) pair then finishes from that prefix. Used by accuracy reports and outcome tables.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from envs.tasks.metrics import exact_match, vqa_soft_accuracy
+from envs.vlm.errors import InputError
+from envs.vlm.model import Preprocessed
 
 
 @dataclass(frozen=True)
@@ -28,25 +31,51 @@ def all_configs(model) -> list[Config]:
     return [Config(*c) for c in itertools.product(k["tier"], k["top_k"], k["blocks"])]
 
 
-def sweep(model, samples: Sequence, configs: Sequence[Config], batch_size: int = 32, progress: bool = True):
-    """Return (answers [n][c] as str, exact match [n, c], VQA accuracy [n, c])."""
-    n, c = len(samples), len(configs)
-    answers = [[""] * c for _ in range(n)]
-    em, vqa = np.zeros((n, c), np.float32), np.zeros((n, c), np.float32)
+def finish_all(model, samples: Sequence, configs: Sequence[Config], batch_size: int = 32, progress: bool = False):
+    """Yield (config index, sample indices, prepared batch, generation) for every batch and config.
+
+    Per batch and tier, preprocessing, vision, connector and layers 0-2 run once. A sample whose
+    image or question is bad is reported once as (None, [index], error, None) and skipped.
+    """
     by_tier: dict[str, list[int]] = {}
     for j, cfg in enumerate(configs):
         model.check_knobs(cfg.tier, cfg.top_k, cfg.blocks)
         by_tier.setdefault(cfg.tier, []).append(j)
-    batches = [(t, i) for t in by_tier for i in range(0, n, batch_size)]
+    failed: set[int] = set()
+    batches = [(t, i) for t in by_tier for i in range(0, len(samples), batch_size)]
     for tier, start in tqdm(batches, desc="sweep", disable=not progress, leave=False):
-        chunk = samples[start : start + batch_size]
-        state = model.prefix(model.prepare([s.image for s in chunk], [s.question for s in chunk], tier))
+        good, pres = [], []
+        for i in range(start, min(start + batch_size, len(samples))):
+            if i in failed:
+                continue
+            try:
+                pres.append(model.preprocess([samples[i].image], [samples[i].question], tier))
+                good.append(i)
+            except InputError as e:
+                failed.add(i)
+                yield None, [i], e, None
+        if not good:
+            continue
+        pre = Preprocessed.merge(pres)
+        with torch.no_grad():
+            prepared = model.connect(pre, model.encode_vision(pre.pixels()))
+        state = model.prefix(prepared)
         for j in by_tier[tier]:
-            gen = model.finish(state, configs[j].top_k, configs[j].blocks)
-            for i, (s, a) in enumerate(zip(chunk, gen.answers, strict=True)):
-                answers[start + i][j] = a
-                em[start + i, j] = exact_match(a, s.answers)
-                vqa[start + i, j] = vqa_soft_accuracy(a, s.answers)
+            yield j, good, prepared, model.finish(state, configs[j].top_k, configs[j].blocks)
+
+
+def sweep(model, samples: Sequence, configs: Sequence[Config], batch_size: int = 32, progress: bool = True):
+    """Return (answers [n][c] as str, exact match [n, c], VQA accuracy [n, c]); failed samples score 0."""
+    n, c = len(samples), len(configs)
+    answers = [[""] * c for _ in range(n)]
+    em, vqa = np.zeros((n, c), np.float32), np.zeros((n, c), np.float32)
+    for j, idx, _, gen in finish_all(model, samples, configs, batch_size, progress):
+        if j is None:
+            continue
+        for i, a in zip(idx, gen.answers, strict=True):
+            answers[i][j] = a
+            em[i, j] = exact_match(a, samples[i].answers)
+            vqa[i, j] = vqa_soft_accuracy(a, samples[i].answers)
     return answers, em, vqa
 
 

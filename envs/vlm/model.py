@@ -39,6 +39,23 @@ class Preprocessed:
     patch_positions: list[list[int]]  # index in token_ids of each image-patch token, crop by crop
     answer_lengths: list[int]  # teacher-forced answer tokens (+ <eos>) at the end of token_ids; 0 at serving
 
+    def pixels(self) -> torch.Tensor:
+        """All crops of the batch, request by request: [total crops, 3, S, S]."""
+        return torch.from_numpy(np.concatenate([c.pixels for c in self.crops]))
+
+    @classmethod
+    def merge(cls, parts: list[Preprocessed]) -> Preprocessed:
+        """One batch from requests preprocessed one by one (all at the same tier)."""
+        if len({p.tier for p in parts}) != 1:
+            raise ValueError("requests of one batch must share a tier")
+        return cls(
+            parts[0].tier,
+            [c for p in parts for c in p.crops],
+            [t for p in parts for t in p.token_ids],
+            [q for p in parts for q in p.patch_positions],
+            [n for p in parts for n in p.answer_lengths],
+        )
+
 
 @dataclass
 class Prepared:
@@ -238,8 +255,7 @@ class KnobVLM(nn.Module):
     ) -> Prepared:
         pre = self.preprocess(images, questions, tier, answers)
         with torch.set_grad_enabled(grad):
-            pixels = torch.from_numpy(np.concatenate([c.pixels for c in pre.crops]))
-            return self.connect(pre, self.encode_vision(pixels))
+            return self.connect(pre, self.encode_vision(pre.pixels()))
 
     # ---------------------------------------------------------------- stage 2: LLM
     def _run(self, layers, h, positions, valid, cache, top_k, counts, on_layer=None):

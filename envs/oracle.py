@@ -1,0 +1,88 @@
+"""The oracle and the baselines every evaluation reports, computed from an outcome table.
+
+Oracle, per (sample, budget): the highest-scoring config whose latency fits the budget, ties to the
+cheapest; when none fits, the cheapest config. Baselines: the best static config (one config for
+all requests, chosen on the train split), the max config, and a random feasible config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from envs.outcomes import OutcomeTable
+
+
+def indicator_reward(score: np.ndarray, latency: np.ndarray, budget: np.ndarray, weight: float = 1.0) -> np.ndarray:
+    """score - weight * [latency > budget]: the default reward, broadcast over configs."""
+    return score - weight * (latency > budget)
+
+
+def oracle_configs(table: OutcomeTable, budgets: np.ndarray) -> np.ndarray:
+    """Config index per sample ([n]) for per-sample budgets ([n], ms)."""
+    budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
+    fits = table.latency <= budgets
+    # lexicographic: fits first, then score, then lower latency
+    key = np.where(fits, table.score.astype(np.float64) * 1e9 - table.latency, -np.inf)
+    best = key.argmax(axis=1)
+    cheapest = table.latency.argmin(axis=1)
+    return np.where(fits.any(axis=1), best, cheapest)
+
+
+def max_config(table: OutcomeTable) -> int:
+    return max(range(len(table.configs)), key=lambda j: (table.configs[j].top_k, table.configs[j].blocks,
+                                                         table.configs[j].tier == "high"))  # fmt: skip
+
+
+def best_static_config(train: OutcomeTable, budgets: np.ndarray, reward: Callable = indicator_reward) -> int:
+    """The one config with the highest mean reward on the train split under these budgets."""
+    budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
+    return int(reward(train.score, train.latency, budgets).mean(axis=0).argmax())
+
+
+def random_feasible_configs(table: OutcomeTable, budgets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Uniform among configs that fit each sample's budget; the cheapest when none fits."""
+    budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
+    fits = table.latency <= budgets
+    noise = np.where(fits, rng.random(fits.shape), -1.0)
+    pick = noise.argmax(axis=1)
+    return np.where(fits.any(axis=1), pick, table.latency.argmin(axis=1))
+
+
+def pareto_front(accuracy: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    """Indices of configs no other config beats on both accuracy (higher) and latency (lower)."""
+    order = np.lexsort((-accuracy, latency))
+    front, best = [], -np.inf
+    for j in order:
+        if accuracy[j] > best:
+            front.append(int(j))
+            best = accuracy[j]
+    return np.array(front)
+
+
+def pareto_plot(table: OutcomeTable, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc, lat = table.score.mean(axis=0), table.latency.mean(axis=0)
+    front = pareto_front(acc, lat)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"low": "tab:blue", "medium": "tab:orange", "high": "tab:green"}
+    for tier, colour in colours.items():
+        js = [j for j, c in enumerate(table.configs) if c.tier == tier]
+        ax.scatter(lat[js], acc[js], s=18, color=colour, label=f"tier {tier}", alpha=0.8)
+    ax.plot(lat[front], acc[front], "k-", lw=1, label="Pareto front")
+    for j in front:
+        c = table.configs[j]
+        ax.annotate(f"{c.tier[0]}/k{c.top_k}/b{c.blocks}", (lat[j], acc[j]), fontsize=6, xytext=(3, -8),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("mean latency (ms)")
+    ax.set_ylabel("mean VQA accuracy")
+    ax.set_title(title or "accuracy vs latency of the 75 configs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,224 @@
+"""The outcome table: every sample x every config, run once, recorded, then replayed.
+
+Rows hold the answer, its score and the latency parts (from a latency profile's model, applied to
+the request's own crops, prompt length and decode steps). The sweep shares work: per batch and tier
+the crops, vision encoder, connector and LLM layers 0-2 run once, and all 25 (top_k, blocks) pairs
+finish from that prefix.
+
+Storage is sharded and append-only: shard i (a fixed range of samples) is written to a temporary
+file and renamed into place when complete, so a run killed at any moment (even kill -9) leaves only
+whole shards, and running the same command again computes exactly the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs.latency import PARTS, LatencyModel
+from envs.tasks.metrics import exact_match, vqa_soft_accuracy
+from envs.vlm.evaluate import Config, finish_all
+
+META = "meta.json"
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def dataset_samples(spec: dict, start: int = 0, stop: int | None = None) -> list:
+    """Samples [start, stop) of a dataset spec: {"kind": "synthvqa", "seed", "n"} or {"kind": "manifest", "path"}."""
+    if spec["kind"] == "synthvqa":
+        from envs.tasks.synthvqa import make_sample
+
+        stop = spec["n"] if stop is None else min(stop, spec["n"])
+        return [make_sample(spec["seed"], i) for i in range(start, stop)]
+    if spec["kind"] == "manifest":
+        from envs.tasks.data import load_manifest
+
+        return load_manifest(spec["path"])[start:stop]
+    raise ValueError(f"unknown dataset kind {spec['kind']!r}")
+
+
+def dataset_size(spec: dict) -> int:
+    return spec["n"] if spec["kind"] == "synthvqa" else len(dataset_samples(spec))
+
+
+# ---------------------------------------------------------------------------------------------- one shard
+_MODELS: dict[tuple, object] = {}
+
+
+def _model(spec: str, device: str):
+    """One model per worker process (Ray tasks on the same worker reuse it)."""
+    key = (spec, device)
+    if key not in _MODELS:
+        import warnings
+
+        from envs.vlm.checkpoint import load_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _MODELS[key] = load_model(spec, device=device)
+    return _MODELS[key]
+
+
+def _failed_rows(index, sample, configs, reason):
+    return [{"sample": index, "sample_id": sample.id, "family": sample.family, "config": j, "tier": c.tier,
+             "top_k": c.top_k, "blocks": c.blocks, "status": "failed", "reason": reason}
+            for j, c in enumerate(configs)]  # fmt: skip
+
+
+def run_shard(model_spec: str, dataset: dict, start: int, stop: int, configs: Sequence[Config],
+              latency: dict, batch_size: int = 32, device: str = "cpu") -> list[dict]:  # fmt: skip
+    """Rows of samples [start, stop) x configs, sorted by (sample, config)."""
+    model = _model(model_spec, device)
+    latency_model = LatencyModel.from_dict(latency)
+    samples = dataset_samples(dataset, start, stop)
+    rows: dict[tuple[int, int], dict] = {}
+    for j, idx, prepared, gen in finish_all(model, samples, configs, batch_size):
+        if j is None:  # a bad sample: recorded as failed, the sweep goes on
+            for r in _failed_rows(start + idx[0], samples[idx[0]], configs, str(prepared)):
+                rows[(r["sample"], r["config"])] = r
+            continue
+        c = configs[j]
+        for n, i in enumerate(idx):
+            s = samples[i]
+            parts = latency_model.predict(
+                prepared.n_crops[n], prepared.prompt_tokens[n], c.top_k, c.blocks, gen.decode_steps[n]
+            )
+            rows[(start + i, j)] = {
+                "sample": start + i, "sample_id": s.id, "family": s.family, "config": j, "tier": c.tier,
+                "top_k": c.top_k, "blocks": c.blocks, "status": "ok", "answer": gen.answers[n],
+                "score": vqa_soft_accuracy(gen.answers[n], s.answers), "exact": exact_match(gen.answers[n], s.answers),
+                "crops": prepared.n_crops[n], "prompt_tokens": prepared.prompt_tokens[n],
+                "decode_steps": gen.decode_steps[n], "latency_ms": {p: round(parts[p], 4) for p in (*PARTS, "total")},
+            }  # fmt: skip
+    return [rows[k] for k in sorted(rows)]
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def shard_path(out: Path, i: int) -> Path:
+    return out / "shards" / f"shard_{i:05d}.jsonl"
+
+
+def write_shard(out: Path, i: int, rows: list[dict]) -> None:
+    path = shard_path(out, i)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_outcomes(model_spec: str, dataset: dict, out: str | Path, latency: dict, configs: Sequence[Config],
+                   shard_size: int = 50, batch_size: int = 32, executor: str = "local", ray_address: str | None = None,
+                   gpus_per_task: float = 0.0, device: str = "cpu", progress: bool = True) -> Path:  # fmt: skip
+    """Fill OUT with every missing shard; existing whole shards are kept (resume)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    n = dataset_size(dataset)
+    meta = {"model": str(model_spec), "dataset": dataset, "n": n, "shard_size": shard_size,
+            "configs": [c.__dict__ for c in configs], "latency_model": latency}  # fmt: skip
+    if (out / META).exists():
+        old = json.loads((out / META).read_text())
+        if {k: old.get(k) for k in meta} != json.loads(json.dumps(meta)):
+            raise ValueError(f"{out} holds an outcome table for another model, dataset, profile or shard size")
+    else:
+        (out / META).write_text(json.dumps(meta, indent=1))
+    for stale in (out / "shards").glob(".*.tmp"):
+        stale.unlink()  # torn writes of a killed run
+    todo = [i for i in range((n + shard_size - 1) // shard_size) if not shard_path(out, i).exists()]
+    ranges = [(i, i * shard_size, min(n, (i + 1) * shard_size)) for i in todo]
+    if executor == "local":
+        for i, a, b in tqdm(ranges, desc="outcome shards", disable=not progress):
+            write_shard(out, i, run_shard(model_spec, dataset, a, b, configs, latency, batch_size, device))
+    elif executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        task = ray.remote(num_gpus=gpus_per_task)(run_shard)
+        pending = {
+            task.remote(model_spec, dataset, a, b, configs, latency, batch_size, device): i for i, a, b in ranges
+        }
+        bar = tqdm(total=len(pending), desc="outcome shards (ray)", disable=not progress)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            write_shard(out, pending.pop(done[0]), ray.get(done[0]))
+            bar.update()
+        bar.close()
+    else:
+        raise ValueError(f"unknown executor {executor!r}; choose local or ray")
+    return out
+
+
+def read_rows(out: str | Path):
+    """All rows, sorted by (sample, config), streamed shard by shard."""
+    out = Path(out)
+    meta = json.loads((out / META).read_text())
+    n_shards = (meta["n"] + meta["shard_size"] - 1) // meta["shard_size"]
+    for i in range(n_shards):
+        path = shard_path(out, i)
+        if not path.exists():
+            raise ValueError(f"{out} is incomplete: shard {i} is missing; run the build command again")
+        with path.open() as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def export_jsonl(out: str | Path, path: str | Path) -> Path:
+    with Path(path).open("w") as f:
+        for r in read_rows(out):
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    return Path(path)
+
+
+@dataclass
+class OutcomeTable:
+    """Arrays over (sample, config) for replay, oracles and reports."""
+
+    configs: list[Config]
+    sample_ids: list[str]
+    families: list[str]
+    ok: np.ndarray  # [n] bool: the sample ran (not failed)
+    score: np.ndarray  # [n, c]
+    latency: np.ndarray  # [n, c] total ms
+    parts: np.ndarray  # [n, c, len(PARTS)]
+    meta: dict
+
+    @classmethod
+    def load(cls, out: str | Path) -> OutcomeTable:
+        out = Path(out)
+        if not (out / META).exists():
+            raise ValueError(f"{out} is not an outcome table (no {META})")
+        meta = json.loads((out / META).read_text())
+        configs = [Config(**c) for c in meta["configs"]]
+        n, c = meta["n"], len(configs)
+        score, latency = np.zeros((n, c), np.float32), np.zeros((n, c), np.float32)
+        parts = np.zeros((n, c, len(PARTS)), np.float32)
+        ok = np.ones(n, bool)
+        ids, fams = [""] * n, [""] * n
+        for r in read_rows(out):
+            i, j = r["sample"], r["config"]
+            ids[i], fams[i] = r["sample_id"], r["family"]
+            if r["status"] != "ok":
+                ok[i] = False
+                continue
+            score[i, j] = r["score"]
+            latency[i, j] = r["latency_ms"]["total"]
+            parts[i, j] = [r["latency_ms"][p] for p in PARTS]
+        return cls(configs, ids, fams, ok, score, latency, parts, meta)
+
+    def subset(self, mask: np.ndarray) -> OutcomeTable:
+        idx = np.flatnonzero(mask)
+        return OutcomeTable(self.configs, [self.sample_ids[i] for i in idx], [self.families[i] for i in idx],
+                            self.ok[idx], self.score[idx], self.latency[idx], self.parts[idx], self.meta)  # fmt: skip
+
+    def valid(self) -> OutcomeTable:
+        return self.subset(self.ok)

@@ -1,0 +1,181 @@
+"""Latency model, outcome table (sharding, resume after kill -9, bad samples, Ray), oracle and baselines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from envs.latency import PARTS, LatencyModel, profile_latency
+from envs.oracle import (
+    best_static_config,
+    indicator_reward,
+    max_config,
+    oracle_configs,
+    pareto_front,
+    random_feasible_configs,
+)
+from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl, read_rows
+from envs.tasks.data import export_manifest
+from envs.tasks.synthvqa import SynthVQA
+from envs.vlm.checkpoint import save_model
+from envs.vlm.evaluate import Config
+
+CONFIGS = [Config("low", 8, 13), Config("low", 1, 5), Config("high", 2, 7), Config("high", 8, 13)]
+
+
+def fake_latency() -> dict:
+    """A latency model with known coefficients: cost grows with crops, tokens, top-k and blocks."""
+    kb = [(k, b) for k in (1, 2, 4, 6, 8) for b in (5, 7, 9, 11, 13)]
+    return LatencyModel(
+        per_crop={"preprocess": (0.5, 0.1), "vision": (1.0, 2.0), "connector": (0.2, 0.1)},
+        prefix=(1.0, 0.05),
+        prefill_rest={f"{k}|{b}": (0.5, 0.002 * b * (4 + k)) for k, b in kb},
+        decode_per_token={f"{k}|{b}": 0.3 * b + 0.1 * k for k, b in kb},
+    ).to_dict()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny):
+    return str(save_model(tiny, tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def test_latency_model_recovers_linear_costs():
+    rows = [{"crops": c, "prompt_tokens": 20 + 22 * c, "preprocess": {"median_ms": 1 + 0.5 * c},
+             "vision": {"median_ms": 2 + 3 * c}, "connector": {"median_ms": 0.1 * c},
+             "prefix": {"median_ms": 4 + 0.01 * (20 + 22 * c)}} for c in (1, 5, 10, 13)]  # fmt: skip
+    configs = [{"top_k": k, "blocks": 5, "prompt_tokens": t, "prefill_rest": {"median_ms": k + 0.1 * t},
+                "decode_per_token": {"median_ms": 2.0 * k}} for k in (1, 8) for t in (40, 130, 300)]  # fmt: skip
+    lm = LatencyModel.fit({"stages": rows, "configs": configs})
+    assert lm.per_crop["vision"] == pytest.approx((2, 3))
+    assert lm.prefill_rest["8|5"] == pytest.approx((8, 0.1))
+    p = lm.predict(crops=5, prompt_tokens=130, top_k=8, blocks=5, decode_steps=2, controller_ms=1.5)
+    assert p["vision"] == pytest.approx(17) and p["decode"] == pytest.approx(32)
+    assert p["prefill"] == pytest.approx(4 + 1.3 + 8 + 13)
+    assert p["total"] == pytest.approx(sum(p[k] for k in PARTS))
+    with pytest.raises(ValueError, match="no config top_k=3"):
+        lm.predict(5, 130, 3, 5, 1)
+
+
+def test_profile_has_every_stage_and_config(tiny):
+    prof = profile_latency(tiny, repeats=1, warmup=0, new_tokens=2, progress=False)
+    assert len(prof["configs"]) == 75 and len(prof["stages"]) == 12
+    crops = {r["tier"]: r["crops"] for r in prof["stages"] if r["image"] == 0}
+    assert crops["low"] < crops["medium"] < crops["high"]
+    lm = LatencyModel.from_dict(prof["model"])
+    assert set(lm.prefill_rest) == {f"{k}|{b}" for k in (1, 2, 4, 6, 8) for b in (5, 7, 9, 11, 13)}
+
+
+def _dataset(n):
+    return {"kind": "synthvqa", "seed": 9, "n": n}
+
+
+def test_table_rows_scores_and_latency(model_dir, tmp_path):
+    out = build_outcomes(model_dir, _dataset(5), tmp_path / "t", fake_latency(), CONFIGS, shard_size=2,
+                         batch_size=3, progress=False)  # fmt: skip
+    rows = list(read_rows(out))
+    assert [(r["sample"], r["config"]) for r in rows] == [(i, j) for i in range(5) for j in range(4)]
+    lm = LatencyModel.from_dict(fake_latency())
+    for r in rows:
+        p = lm.predict(r["crops"], r["prompt_tokens"], r["top_k"], r["blocks"], r["decode_steps"])
+        assert r["latency_ms"]["total"] == pytest.approx(p["total"], abs=1e-3)
+        assert 0.0 <= r["score"] <= 1.0
+    table = OutcomeTable.load(out)
+    assert table.score.shape == (5, 4) and table.ok.all()
+    assert (table.latency[:, 3] > table.latency[:, 1]).all()  # full high config costs more than cheap low
+    export = export_jsonl(out, tmp_path / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(x)["config"] for x in export[:4]] == [0, 1, 2, 3]
+
+
+def test_bad_sample_is_recorded_and_does_not_stop_the_sweep(model_dir, tmp_path):
+    path = export_manifest(list(SynthVQA(4, 3)), tmp_path / "data")
+    (tmp_path / "data" / "images" / "synthvqa-4-1.png").write_text("broken")
+    out = build_outcomes(model_dir, {"kind": "manifest", "path": str(path)}, tmp_path / "t", fake_latency(),
+                         CONFIGS, shard_size=10, progress=False)  # fmt: skip
+    table = OutcomeTable.load(out)
+    assert table.ok.tolist() == [True, False, True]
+    failed = [r for r in read_rows(out) if r["status"] == "failed"]
+    assert len(failed) == 4 and all("cannot read" in r["reason"] for r in failed)
+    assert table.valid().score.shape == (2, 4)
+
+
+def test_resume_after_kill_9_gives_exactly_the_clean_table(model_dir, tmp_path):
+    clean = build_outcomes(model_dir, _dataset(8), tmp_path / "clean", fake_latency(), CONFIGS, shard_size=2,
+                           progress=False)  # fmt: skip
+    killed = tmp_path / "killed"
+    code = (
+        "import json,sys; from envs.outcomes import build_outcomes; from envs.vlm.evaluate import Config\n"
+        f"build_outcomes({model_dir!r}, {_dataset(8)!r}, {str(killed)!r}, json.loads(sys.argv[1]),"
+        f" [Config(**c) for c in json.loads(sys.argv[2])], shard_size=2, progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(fake_latency()),
+                             json.dumps([c.__dict__ for c in CONFIGS])])  # fmt: skip
+    deadline = time.time() + 120
+    while not list((killed / "shards").glob("shard_*.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((killed / "shards").glob("shard_*.jsonl")))
+    assert 1 <= done_before < 4, "the kill should land mid-run"
+    (killed / "shards" / ".shard_00003.jsonl.999.tmp").write_text('{"torn')  # a torn write of the dead run
+    build_outcomes(model_dir, _dataset(8), killed, fake_latency(), CONFIGS, shard_size=2, progress=False)
+    a, b = list(read_rows(clean)), list(read_rows(killed))
+    assert a == b
+    assert len({(r["sample"], r["config"]) for r in b}) == len(b) == 32
+    assert not list((killed / "shards").glob(".*.tmp"))
+
+
+def test_a_table_for_another_dataset_is_refused(model_dir, tmp_path):
+    build_outcomes(model_dir, _dataset(2), tmp_path / "t", fake_latency(), CONFIGS[:1], progress=False)
+    with pytest.raises(ValueError, match="another model, dataset"):
+        build_outcomes(model_dir, _dataset(3), tmp_path / "t", fake_latency(), CONFIGS[:1], progress=False)
+
+
+def test_ray_executor_gives_the_same_table(model_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    local = build_outcomes(model_dir, _dataset(4), tmp_path / "local", fake_latency(), CONFIGS, shard_size=2,
+                           progress=False)  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = build_outcomes(model_dir, _dataset(4), tmp_path / "ray", fake_latency(), CONFIGS, shard_size=2,
+                                executor="ray", progress=False)  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert list(read_rows(local)) == list(read_rows(remote))
+
+
+def _table(score, latency):
+    score, latency = np.asarray(score, np.float32), np.asarray(latency, np.float32)
+    n, c = score.shape
+    configs = [Config("high", 8, 13 - j) for j in range(c)]
+    return OutcomeTable(configs, [str(i) for i in range(n)], ["f"] * n, np.ones(n, bool), score, latency,
+                        np.zeros((n, c, len(PARTS)), np.float32), {})  # fmt: skip
+
+
+def test_oracle_best_fitting_config_ties_to_cheapest_and_falls_back_to_cheapest():
+    t = _table([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], [[30, 20, 10], [30, 20, 10], [30, 20, 10]])
+    assert oracle_configs(t, [25, 25, 5]).tolist() == [1, 2, 2]  # tie -> cheaper; none scores -> cheapest; none fits
+    assert oracle_configs(t, [100, 100, 100]).tolist() == [1, 0, 2]
+
+
+def test_baselines():
+    t = _table([[1, 0.5, 0], [0.5, 0.5, 0.5], [0, 1, 0]], [[30, 20, 10]] * 3)
+    assert max_config(t) == 0
+    assert best_static_config(t, np.full(3, 100.0)) == 1  # mean scores 0.5, 0.67, 0.17
+    assert best_static_config(t, np.full(3, 25.0)) == 1  # config 0 violates every budget
+    rng = np.random.default_rng(0)
+    picks = np.stack([random_feasible_configs(t, np.full(3, 25.0), rng) for _ in range(200)])
+    assert set(np.unique(picks)) == {1, 2}
+    assert (random_feasible_configs(t, np.full(3, 1.0), rng) == 2).all()
+    r = indicator_reward(t.score, t.latency, np.full((3, 1), 25.0))
+    assert r[0].tolist() == [0.0, 0.5, 0.0]
+
+
+def test_pareto_front():
+    acc = np.array([0.5, 0.6, 0.4, 0.9, 0.55])
+    lat = np.array([10.0, 20.0, 15.0, 40.0, 30.0])
+    assert pareto_front(acc, lat).tolist() == [0, 1, 3]
