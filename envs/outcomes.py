@@ -192,9 +192,26 @@ class OutcomeTable:
     parts: np.ndarray  # [n, c, len(PARTS)]
     meta: dict
 
+    def save_npz(self, path: str | Path) -> Path:
+        """The compact replay form (a few MB for thousands of samples) that ships beside a model."""
+        np.savez_compressed(
+            path, meta=json.dumps(self.meta), configs=json.dumps([c.__dict__ for c in self.configs]),
+            sample_ids=np.array(self.sample_ids), families=np.array(self.families), ok=self.ok,
+            score=self.score, latency=self.latency, parts=self.parts.astype(np.float16),
+        )  # fmt: skip
+        return Path(path)
+
     @classmethod
     def load(cls, out: str | Path) -> OutcomeTable:
+        """From a table directory (shards) or its packed .npz."""
         out = Path(out)
+        if out.suffix == ".npz":
+            if not out.is_file():
+                raise ValueError(f"outcome table not found: {out}")
+            z = np.load(out)
+            return cls([Config(**c) for c in json.loads(str(z["configs"]))], z["sample_ids"].tolist(),
+                       z["families"].tolist(), z["ok"], z["score"], z["latency"], z["parts"].astype(np.float32),
+                       json.loads(str(z["meta"])))  # fmt: skip
         if not (out / META).exists():
             raise ValueError(f"{out} is not an outcome table (no {META})")
         meta = json.loads((out / META).read_text())

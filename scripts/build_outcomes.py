@@ -3,6 +3,7 @@
     python scripts/build_outcomes.py --model tiny --seed 2 --n 1000 --out outcomes/test \
         [--profile FILE] [--executor local|ray] [--export table.jsonl]
 
+Also packs the table into OUT/table.npz, the compact form replay environments read.
 Resumable: killing it at any moment and running the same command again completes the table with
 exactly the rows a clean run gives. `--executor ray` runs shards as Ray tasks on the cluster at
 --ray-address (or a local one). Also writes OUT/pareto.png.
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = OutcomeTable.load(args.out)
+    table.save_npz(args.out / "table.npz")
     pareto_plot(table.valid(), args.out / "pareto.png", f"{args.model}: {args.out.name}")
     if args.export:
         export_jsonl(args.out, args.export)

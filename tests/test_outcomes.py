@@ -87,6 +87,10 @@ def test_table_rows_scores_and_latency(model_dir, tmp_path):
     table = OutcomeTable.load(out)
     assert table.score.shape == (5, 4) and table.ok.all()
     assert (table.latency[:, 3] > table.latency[:, 1]).all()  # full high config costs more than cheap low
+    packed = OutcomeTable.load(table.save_npz(tmp_path / "t.npz"))
+    assert np.array_equal(packed.score, table.score) and np.array_equal(packed.latency, table.latency)
+    assert packed.configs == table.configs and packed.sample_ids == table.sample_ids
+    np.testing.assert_allclose(packed.parts, table.parts, rtol=1e-3)
     export = export_jsonl(out, tmp_path / "rows.jsonl").read_text().splitlines()
     assert [json.loads(x)["config"] for x in export[:4]] == [0, 1, 2, 3]
 

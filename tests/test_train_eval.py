@@ -14,9 +14,10 @@ from scripts.eval_vlm import main as eval_main
 
 def test_sample_knobs_cover_the_knob_space():
     cfg = build_model("tiny", device="meta").cfg
-    args = TrainArgs(p_full=0.2)
+    args = TrainArgs(p_full=0.2, full_steps=10)
     rng = np.random.default_rng(0)
-    seen = [sample_knobs(rng, cfg, args) for _ in range(400)]
+    assert all(len(sample_knobs(rng, cfg, args, step)[2]) == 16 for step in range(10))  # full config first
+    seen = [sample_knobs(rng, cfg, args, 10 + i) for i in range(400)]
     assert {t for t, _, _ in seen} == {"low", "medium", "high"}
     assert {k for _, k, _ in seen} == {1, 2, 4, 6, 8}
     assert {len(layers) - 3 for _, _, layers in seen} == {5, 7, 9, 11, 13}

@@ -4,6 +4,8 @@ Every batch samples a config: a tier, a router top-k, and a random subset of lay
 size from the preset's blocks list (LayerDrop-style), so every one of the 75 configs stays usable
 whatever ranking picks the layers later. With probability `p_full` the batch uses the full config
 instead, which anchors the best config's accuracy (the "sandwich" idea of slimmable networks).
+The first `full_steps` train the full config only (progressive shrinking, as in Once-for-All):
+with random small configs from the start, the model took far longer to start using the image.
 Read top to bottom: args, setup/resume, loop, ranking, save.
 """
 
@@ -23,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, make_sample
-from envs.vlm.checkpoint import build_model, save_model
+from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.ranking import compute_ranking
@@ -41,6 +43,7 @@ class TrainArgs:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     p_full: float = 0.3
+    full_steps: int = 500  # progressive shrinking: the first steps train the full config only
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
@@ -49,14 +52,16 @@ class TrainArgs:
     ranking: str = "adalora"
     ranking_n: int = 256
     ship: Path | None = None  # also write the final model directory here
+    init: Path | None = None  # start from this model directory's weights (e.g. to continue training)
+    device: str = "cpu"
     ship_dtype: str = "float16"
 
 
-def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs) -> tuple[str, int, list[int]]:
+def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs, step: int = 0) -> tuple[str, int, list[int]]:
     n_layers = cfg.llm.layers
     w = np.array(args.tier_weights, dtype=np.float64)
     tier = TIERS[int(rng.choice(3, p=w / w.sum()))]
-    if rng.random() < args.p_full:
+    if step < args.full_steps or rng.random() < args.p_full:
         return tier, cfg.llm.top_k, list(range(n_layers))
     top_k = int(rng.choice(cfg.knobs.top_k))
     blocks = int(rng.choice(cfg.knobs.blocks))
@@ -90,7 +95,13 @@ def save_checkpoint(path: Path, model, opt, step: int) -> None:
 def train(args: TrainArgs) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
-    model = build_model(args.preset, seed=args.seed).train()
+    model = build_model(args.preset, seed=args.seed)
+    if args.init:
+        init = load_dir(args.init)
+        if init.cfg.to_dict() != model.cfg.to_dict():
+            raise ValueError(f"{args.init} is a {init.cfg.name} model with other shapes than preset {args.preset}")
+        model.load_state_dict(init.state_dict())
+    model = model.to(args.device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
     opt = torch.optim.AdamW(
@@ -100,7 +111,7 @@ def train(args: TrainArgs) -> Path:
     ckpt = args.out / "checkpoint.pt"
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = torch.load(ckpt, map_location=args.device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -112,7 +123,7 @@ def train(args: TrainArgs) -> Path:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
     for step in bar:
         rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
-        tier, top_k, layers = sample_knobs(rng, model.cfg, args)
+        tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
         batch = [make_sample(train_seed, step * args.batch_size + i) for i in range(args.batch_size)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
