@@ -187,7 +187,8 @@ class OutcomeTable:
     sample_ids: list[str]
     families: list[str]
     ok: np.ndarray  # [n] bool: the sample ran (not failed)
-    score: np.ndarray  # [n, c]
+    score: np.ndarray  # [n, c] VQA soft accuracy
+    exact: np.ndarray  # [n, c] exact match
     latency: np.ndarray  # [n, c] total ms
     parts: np.ndarray  # [n, c, len(PARTS)]
     meta: dict
@@ -197,7 +198,7 @@ class OutcomeTable:
         np.savez_compressed(
             path, meta=json.dumps(self.meta), configs=json.dumps([c.__dict__ for c in self.configs]),
             sample_ids=np.array(self.sample_ids), families=np.array(self.families), ok=self.ok,
-            score=self.score, latency=self.latency, parts=self.parts.astype(np.float16),
+            score=self.score, exact=self.exact, latency=self.latency, parts=self.parts.astype(np.float16),
         )  # fmt: skip
         return Path(path)
 
@@ -210,14 +211,15 @@ class OutcomeTable:
                 raise ValueError(f"outcome table not found: {out}")
             z = np.load(out)
             return cls([Config(**c) for c in json.loads(str(z["configs"]))], z["sample_ids"].tolist(),
-                       z["families"].tolist(), z["ok"], z["score"], z["latency"], z["parts"].astype(np.float32),
+                       z["families"].tolist(), z["ok"], z["score"], z["exact"], z["latency"],
+                       z["parts"].astype(np.float32),
                        json.loads(str(z["meta"])))  # fmt: skip
         if not (out / META).exists():
             raise ValueError(f"{out} is not an outcome table (no {META})")
         meta = json.loads((out / META).read_text())
         configs = [Config(**c) for c in meta["configs"]]
         n, c = meta["n"], len(configs)
-        score, latency = np.zeros((n, c), np.float32), np.zeros((n, c), np.float32)
+        score, exact, latency = (np.zeros((n, c), np.float32) for _ in range(3))
         parts = np.zeros((n, c, len(PARTS)), np.float32)
         ok = np.ones(n, bool)
         ids, fams = [""] * n, [""] * n
@@ -227,15 +229,16 @@ class OutcomeTable:
             if r["status"] != "ok":
                 ok[i] = False
                 continue
-            score[i, j] = r["score"]
+            score[i, j], exact[i, j] = r["score"], r["exact"]
             latency[i, j] = r["latency_ms"]["total"]
             parts[i, j] = [r["latency_ms"][p] for p in PARTS]
-        return cls(configs, ids, fams, ok, score, latency, parts, meta)
+        return cls(configs, ids, fams, ok, score, exact, latency, parts, meta)
 
     def subset(self, mask: np.ndarray) -> OutcomeTable:
         idx = np.flatnonzero(mask)
         return OutcomeTable(self.configs, [self.sample_ids[i] for i in idx], [self.families[i] for i in idx],
-                            self.ok[idx], self.score[idx], self.latency[idx], self.parts[idx], self.meta)  # fmt: skip
+                            self.ok[idx], self.score[idx], self.exact[idx], self.latency[idx], self.parts[idx],
+                            self.meta)  # fmt: skip
 
     def valid(self) -> OutcomeTable:
         return self.subset(self.ok)

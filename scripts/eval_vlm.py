@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.outcomes import OutcomeTable
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--outcomes", type=Path, help="score from an outcome table of this split instead of running")
     args = ap.parse_args(argv)
     if args.n <= 0:
         ap.error("--n must be positive")
@@ -77,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    samples = list(SynthVQA(args.seed, args.n))
     configs = all_configs(model)
     t0 = time.time()
-    _, em, vqa = sweep(model, samples, configs, args.batch_size)
-    rows = accuracy_table(samples, configs, em)
+    if args.outcomes:
+        table = OutcomeTable.load(args.outcomes)
+        if table.meta.get("dataset") != {"kind": "synthvqa", "seed": args.seed, "n": args.n}:
+            print(f"error: {args.outcomes} is not the table of SynthVQA seed {args.seed}, n={args.n}", file=sys.stderr)
+            return 2
+        if table.configs != configs:
+            print(f"error: {args.outcomes} was built with other configs than this model's", file=sys.stderr)
+            return 2
+        families, em, vqa = table.families, table.exact, table.score
+    else:
+        samples = list(SynthVQA(args.seed, args.n))
+        families = [s.family for s in samples]
+        _, em, vqa = sweep(model, samples, configs, args.batch_size)
+    rows = accuracy_table(families, configs, em)
     k = model.cfg.knobs
     full = configs.index(Config("high", max(k.top_k), max(k.blocks)))
     meta = {"model": str(args.model), "seed": args.seed, "n": args.n, "metric": "exact match",

@@ -156,7 +156,7 @@ def _table(score, latency):
     score, latency = np.asarray(score, np.float32), np.asarray(latency, np.float32)
     n, c = score.shape
     configs = [Config("high", 8, 13 - j) for j in range(c)]
-    return OutcomeTable(configs, [str(i) for i in range(n)], ["f"] * n, np.ones(n, bool), score, latency,
+    return OutcomeTable(configs, [str(i) for i in range(n)], ["f"] * n, np.ones(n, bool), score, score, latency,
                         np.zeros((n, c, len(PARTS)), np.float32), {})  # fmt: skip
 
 

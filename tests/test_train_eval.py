@@ -59,7 +59,7 @@ def test_sweep_matches_single_calls(tiny):
     for j, c in enumerate(configs):
         for i, s in enumerate(samples):
             assert answers[i][j] == tiny.answer([s.image], [s.question], c.tier, c.top_k, c.blocks).answers[0]
-    rows = accuracy_table(samples, configs, em)
+    rows = accuracy_table([s.family for s in samples], configs, em)
     assert [r["tier"] for r in rows] == ["low", "high", "low"]
     assert set(rows[0]["by_family"]) == {s.family for s in samples}
 
@@ -72,3 +72,22 @@ def test_eval_script_writes_report_and_heat_map(tmp_path):
     assert {"tier", "top_k", "blocks", "accuracy", "by_family"} <= set(report["configs"][0])
     assert all(0 <= r["accuracy"] <= 1 for r in report["configs"])
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_eval_from_an_outcome_table_equals_running_the_model(tiny, tmp_path):
+    from test_outcomes import fake_latency
+
+    from envs.outcomes import build_outcomes
+    from envs.vlm.checkpoint import save_model
+    from envs.vlm.evaluate import all_configs
+
+    model_dir = str(save_model(tiny, tmp_path / "m"))
+    table = build_outcomes(model_dir, {"kind": "synthvqa", "seed": 9, "n": 4}, tmp_path / "t", fake_latency(),
+                           all_configs(tiny), progress=False)  # fmt: skip
+    common = ["--model", model_dir, "--seed", "9", "--n", "4"]
+    assert eval_main([*common, "--out", str(tmp_path / "run.json")]) == 0
+    assert eval_main([*common, "--out", str(tmp_path / "table.json"), "--outcomes", str(table)]) == 0
+    run, from_table = (json.loads((tmp_path / f).read_text())["configs"] for f in ("run.json", "table.json"))
+    assert run == from_table
+    assert eval_main(["--model", model_dir, "--seed", "8", "--n", "4", "--out", str(tmp_path / "x.json"),
+                      "--outcomes", str(table)]) == 2  # fmt: skip

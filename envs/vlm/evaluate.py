@@ -79,10 +79,9 @@ def sweep(model, samples: Sequence, configs: Sequence[Config], batch_size: int =
     return answers, em, vqa
 
 
-def accuracy_table(samples: Sequence, configs: Sequence[Config], scores: np.ndarray) -> list[dict]:
-    """One row per config: accuracy overall and by family."""
-    families = sorted({s.family for s in samples})
-    fam_idx = {f: np.array([s.family == f for s in samples]) for f in families}
+def accuracy_table(families: Sequence[str], configs: Sequence[Config], scores: np.ndarray) -> list[dict]:
+    """One row per config: accuracy overall and by family (`families[i]` is sample i's)."""
+    fam_idx = {f: np.array([x == f for x in families]) for f in sorted(set(families))}
     rows = []
     for j, cfg in enumerate(configs):
         rows.append(

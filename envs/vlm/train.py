@@ -146,7 +146,7 @@ def train(args: TrainArgs) -> Path:
             model.eval()
             configs = validation_configs(model)
             _, em, _ = sweep(model, val, configs, progress=False)
-            for row in accuracy_table(val, configs, em):
+            for row in accuracy_table([s.family for s in val], configs, em):
                 tag = f"{row['tier']}_k{row['top_k']}_b{row['blocks']}"
                 writer.add_scalar(f"val/{tag}", row["accuracy"], step + 1)
                 for fam, acc in row["by_family"].items():
