@@ -56,6 +56,7 @@ def test_expert_calls_proportional_to_top_k(tiny, images, questions):
     by_k = {k: tiny.finish(state, k, 13, max_new_tokens=1) for k in (1, 2, 4, 6, 8)}
     for k, gen in by_k.items():
         assert gen.expert_calls_by_layer[3:] == [n * k] * 13
+        assert gen.expert_calls_by_layer[:3] == [n * 8] * 3  # layers 0-2 ran at the trained k, once
         assert gen.expert_calls[0] == n * (3 * 8 + 13 * k)
     assert not torch.allclose(by_k[1].step_logits[0], by_k[8].step_logits[0], atol=1e-3)
     assert not torch.allclose(by_k[4].step_logits[0], by_k[8].step_logits[0], atol=1e-3)

@@ -77,6 +77,7 @@ class PrefixState:
     cache: KVCache
     positions: torch.Tensor  # [B, T]
     expert_calls: list[int]  # (token, expert) evaluations so far, per request
+    expert_calls_by_layer: list[int]  # so far, summed over the batch
 
 
 @dataclass
@@ -233,7 +234,9 @@ class KnobVLM(nn.Module):
                 targets[i, t - n :] = ids[i, t - n :]
         embeds = self.llm.embed_tokens(ids)
         embeds = embeds.index_put(
-            (torch.tensor(rows), torch.tensor(cols)), tokens.reshape(-1, tokens.shape[-1]), accumulate=True
+            (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)),
+            tokens.reshape(-1, tokens.shape[-1]),
+            accumulate=True,
         )
         return Prepared(
             tier=pre.tier,
@@ -274,9 +277,14 @@ class KnobVLM(nn.Module):
                 on_layer(i, h_in, h)
         return h
 
+    @staticmethod
+    def _positions(valid: torch.Tensor) -> torch.Tensor:
+        """Rotary positions that start at 0 on each request's first real (not padding) token."""
+        return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
     def prefix(self, prepared: Prepared) -> PrefixState:
         valid = prepared.valid
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        positions = self._positions(valid)
         counts = [0] * self.cfg.llm.layers
         cache = KVCache()
         with torch.no_grad():
@@ -290,7 +298,7 @@ class KnobVLM(nn.Module):
                 counts,
             )
         per_request = [n * FIRST_KNOBBED_LAYER * self.cfg.llm.top_k for n in prepared.prompt_tokens]
-        return PrefixState(prepared, h, cache, positions, per_request)
+        return PrefixState(prepared, h, cache, positions, per_request, counts)
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.llm.norm(h_last))
@@ -327,7 +335,7 @@ class KnobVLM(nn.Module):
         knobbed = layers[FIRST_KNOBBED_LAYER:]
         eos = self.tokenizer.ids["eos"]
         b = state.hidden.shape[0]
-        counts = [0] * self.cfg.llm.layers
+        counts = list(state.expert_calls_by_layer)
         per_request = list(state.expert_calls)
         per_token_calls = FIRST_KNOBBED_LAYER * self.cfg.llm.top_k + len(knobbed) * top_k
         cache, valid, positions = state.cache.fork(), state.prepared.valid, state.positions
@@ -394,9 +402,8 @@ class KnobVLM(nn.Module):
     def forward_logits(self, prepared: Prepared, layers: list[int], top_k: int, on_layer=None) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] over all positions, with gradients (training, ranking)."""
         valid = prepared.valid
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         counts = [0] * self.cfg.llm.layers
-        h = self._run(layers, prepared.embeds, positions, valid, None, top_k, counts, on_layer)
+        h = self._run(layers, prepared.embeds, self._positions(valid), valid, None, top_k, counts, on_layer)
         return self.logits(h)
 
     def answer_loss(self, prepared: Prepared, layers: list[int], top_k: int) -> torch.Tensor:
