@@ -38,6 +38,7 @@ class Preprocessed:
     token_ids: list[list[int]]
     patch_positions: list[list[int]]  # index in token_ids of each image-patch token, crop by crop
     answer_lengths: list[int]  # teacher-forced answer tokens (+ <eos>) at the end of token_ids; 0 at serving
+    text_lengths: list[int]  # prompt-text tokens ("User: ... Assistant:") before any answer tokens
 
     def pixels(self) -> torch.Tensor:
         """All crops of the batch, request by request: [total crops, 3, S, S]."""
@@ -54,6 +55,7 @@ class Preprocessed:
             [t for p in parts for t in p.token_ids],
             [q for p in parts for q in p.patch_positions],
             [n for p in parts for n in p.answer_lengths],
+            [n for p in parts for n in p.text_lengths],
         )
 
 
@@ -174,7 +176,7 @@ class KnobVLM(nn.Module):
         ids = self.tokenizer.ids
         if answers is not None and len(answers) != len(questions):
             raise InputError(f"need one answer per question, got {len(answers)} for {len(questions)}")
-        crops, token_ids, patch_positions, answer_lengths = [], [], [], []
+        crops, token_ids, patch_positions, answer_lengths, text_lengths = [], [], [], [], []
         side = self.cfg.vision.tokens_per_side
         for n, (image, question) in enumerate(zip(images, questions, strict=True)):
             if not isinstance(question, str) or not question.strip():
@@ -187,7 +189,9 @@ class KnobVLM(nn.Module):
                     pos.extend(range(len(seq), len(seq) + side))
                     seq.extend([ids["im_patch"]] * side + [ids["im_col"]])
                 seq.append(ids["im_end"])
-            seq.extend(self.tokenizer.prompt_ids(question))
+            text = self.tokenizer.prompt_ids(question)
+            seq.extend(text)
+            text_lengths.append(len(text))
             if answers is not None:
                 answer_ids = self.tokenizer.encode(answers[n]) + [ids["eos"]]
                 seq.extend(answer_ids)
@@ -199,7 +203,7 @@ class KnobVLM(nn.Module):
             crops.append(c)
             token_ids.append(seq)
             patch_positions.append(pos)
-        return Preprocessed(tier, crops, token_ids, patch_positions, answer_lengths)
+        return Preprocessed(tier, crops, token_ids, patch_positions, answer_lengths, text_lengths)
 
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] -> [n, P*P, feature_width]: two ViT layers' patch features, concatenated.

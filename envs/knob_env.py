@@ -1,0 +1,302 @@
+"""Gymnasium environments: choose (tier, top_k, blocks) for a request under its latency budget.
+
+Two-stage: a 2-step episode. Step 0 sees the budget and the prompt and picks the tier; the env
+then runs crops -> ViT -> connector (and, live, layers 0-2 once); step 1 sees a summary of the LLM
+input and picks top_k and blocks; the env finishes the request and scores it.
+Single-stage: a 1-step episode; the global crop is encoded first (controller overhead, reused when
+tier = low) and one action picks all three knobs.
+
+Both use `MultiDiscrete([3, 5, 5])` with `action_masks()` for MaskablePPO: only the knobs a step
+decides are open; the others are pinned to index 0 (step 0) or to the chosen tier (step 1).
+Backends: `ReplayBackend` reads an outcome table and cached features (fast); `LiveBackend` runs the
+VLM, with latency from a profile's latency model or measured end to end.
+reward = score - penalty(latency, budget), latency including controller overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from envs.budgets import BudgetDistribution, budget_features
+from envs.features import N_TEXT, FeatureCache, prompt_embedding, summarise
+from envs.latency import PARTS, LatencyModel, StageTimer
+from envs.outcomes import OutcomeTable
+from envs.tasks.metrics import vqa_soft_accuracy
+from envs.vlm.evaluate import Config
+from envs.vlm.presets import TIERS
+
+N_TOP_K, N_BLOCKS = 5, 5
+
+
+@dataclass
+class Penalty:
+    """`indicator`: weight * [latency > budget]; `relative`: weight * max(0, latency/budget - 1)."""
+
+    kind: str = "indicator"
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("indicator", "relative"):
+            raise ValueError(f"unknown penalty {self.kind!r}; choose indicator or relative")
+        if not np.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"penalty weight must be a finite number >= 0, got {self.weight}")
+
+    def __call__(self, latency_ms: float, budget_ms: float) -> float:
+        if self.kind == "indicator":
+            return self.weight * float(latency_ms > budget_ms)
+        return self.weight * max(0.0, latency_ms / budget_ms - 1.0)
+
+
+def config_index(tier: int, k: int, b: int) -> int:
+    return (tier * N_TOP_K + k) * N_BLOCKS + b
+
+
+class ReplayBackend:
+    """Outcomes and features recorded beforehand: an episode costs a few array lookups."""
+
+    def __init__(self, table: OutcomeTable, features: FeatureCache, latency_model: LatencyModel, knob_lists: dict):
+        if len(table.configs) != 3 * N_TOP_K * N_BLOCKS or len(features.prompt) != len(table.sample_ids):
+            raise ValueError("the outcome table and feature cache do not describe the same samples and 75 configs")
+        self.table, self.features, self.latency_model, self.knob_lists = table, features, latency_model, knob_lists
+        self.valid = np.flatnonzero(table.ok)
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def prompt(self, i: int) -> np.ndarray:
+        return self.features.prompt[self.valid[i]]
+
+    def global_view(self, i: int) -> np.ndarray:
+        return self.features.global_view[self.valid[i]]
+
+    def tokens(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray]:
+        j = self.valid[i]
+        return self.features.tokens[j, tier], self.features.token_mask[j, tier]
+
+    def outcome(self, i: int, cfg: int) -> tuple[float, dict[str, float]]:
+        j = self.valid[i]
+        parts = dict(zip(PARTS, self.table.parts[j, cfg].tolist(), strict=True))
+        parts["total"] = float(self.table.latency[j, cfg])
+        return float(self.table.score[j, cfg]), parts
+
+
+class LiveBackend:
+    """Runs the VLM per episode. `latency_model=None` measures latency end to end instead."""
+
+    def __init__(self, model, samples: list, latency_model: LatencyModel | None):
+        self.model, self.samples, self.latency_model = model, samples, latency_model
+        self.knob_lists = model.cfg.knob_lists()
+        self._state = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def prompt(self, i: int) -> np.ndarray:
+        return prompt_embedding(self.model, self.samples[i].question)
+
+    def _prepare(self, i: int, tier: int):
+        s, timer = self.samples[i], StageTimer(self.model.device)
+        with torch.no_grad():
+            with timer.stage("preprocess"):
+                pre = self.model.preprocess([s.image], [s.question], TIERS[tier])
+            with timer.stage("vision"):
+                feats = self.model.encode_vision(pre.pixels())
+            with timer.stage("connector"):
+                prepared = self.model.connect(pre, feats)
+        return pre, prepared, timer
+
+    def global_view(self, i: int) -> np.ndarray:
+        pre, prepared, _ = self._prepare(i, 0)
+        return summarise(self.model, prepared, pre)[3][0]
+
+    def tokens(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray]:
+        pre, prepared, timer = self._prepare(i, tier)
+        with timer.stage("prefill"):
+            state = self.model.prefix(prepared)  # layers 0-2 run once, here, before stage 2
+        self._state = (i, tier, state, timer)
+        _, tokens, mask, _ = summarise(self.model, prepared, pre)
+        return tokens[0], mask[0]
+
+    def outcome(self, i: int, cfg: int) -> tuple[float, dict[str, float]]:
+        tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
+        k, b = (self.knob_lists["top_k"][rest // N_BLOCKS], self.knob_lists["blocks"][rest % N_BLOCKS])
+        if self._state is None or self._state[:2] != (i, tier):
+            self.tokens(i, tier)
+        _, _, state, timer = self._state
+        gen = self.model.generate(state, self.model.layers_for(b), k, timer=timer)
+        self._state = None
+        s = self.samples[i]
+        score = vqa_soft_accuracy(gen.answers[0], s.answers)
+        if self.latency_model is not None:
+            p = state.prepared
+            return score, self.latency_model.predict(p.n_crops[0], p.prompt_tokens[0], k, b, gen.decode_steps[0])
+        parts = dict(timer.ms)
+        parts["total"] = sum(parts[p] for p in PARTS)
+        return score, parts
+
+
+class _KnobEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, backend, budgets: BudgetDistribution, full_ms: float, penalty: Penalty | None = None,
+                 controller_ms: float = 0.0):  # fmt: skip
+        super().__init__()
+        if len(backend) == 0:
+            raise ValueError("the environment has no samples")
+        self.backend, self.budgets, self.full_ms = backend, budgets, float(full_ms)
+        self.penalty, self.controller_ms = penalty or Penalty(), float(controller_ms)
+        self.action_space = spaces.MultiDiscrete([3, N_TOP_K, N_BLOCKS])
+        self._sample, self._budget = 0, 1.0
+
+    def _new_request(self):
+        self._sample = int(self.np_random.integers(len(self.backend)))
+        self._budget = float(self.budgets.sample(self.np_random, 1, self.full_ms)[0])
+
+    def _finish(self, cfg: int, extra_ms: float):
+        score, parts = self.backend.outcome(self._sample, cfg)
+        parts = dict(parts)
+        parts["controller"] = parts.get("controller", 0.0) + self.controller_ms + extra_ms
+        latency = parts["total"] + self.controller_ms + extra_ms
+        parts["total"] = latency
+        tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
+        kl = self.backend.knob_lists
+        config = Config(TIERS[tier], kl["top_k"][rest // N_BLOCKS], kl["blocks"][rest % N_BLOCKS])
+        reward = score - self.penalty(latency, self._budget)
+        info = {"score": score, "latency_ms": latency, "latency_parts": parts, "budget_ms": self._budget,
+                "violation": latency > self._budget, "config": config, "config_index": cfg,
+                "controller_ms": parts["controller"], "sample": self._sample}  # fmt: skip
+        return reward, info
+
+
+class TwoStageKnobEnv(_KnobEnv):
+    def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
+                 n_tokens: int = 16 + N_TEXT):  # fmt: skip
+        super().__init__(backend, budgets, full_ms, penalty, controller_ms)
+        f32 = np.float32
+        self.observation_space = spaces.Dict({
+            "stage": spaces.Box(0, 1, (1,), f32),
+            "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
+            "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
+            "tier": spaces.Box(0, 1, (3,), f32),
+            "tokens": spaces.Box(-np.inf, np.inf, (n_tokens, d_model), f32),
+            "token_mask": spaces.Box(0, 1, (n_tokens,), f32),
+        })  # fmt: skip
+        self._stage, self._tier = 0, 0
+
+    def _obs(self):
+        tier = np.zeros(3, np.float32)
+        shape = self.observation_space["tokens"].shape
+        tokens, mask = np.zeros(shape, np.float32), np.zeros(shape[0], np.float32)
+        if self._stage == 1:
+            tier[self._tier] = 1
+            tokens, mask = self._tokens
+        return {"stage": np.array([self._stage], np.float32),
+                "budget": budget_features(self._budget, self.full_ms),
+                "prompt": np.array(self._prompt, np.float32), "tier": tier,
+                "tokens": np.array(tokens, np.float32), "token_mask": np.array(mask, np.float32)}  # fmt: skip
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._new_request()
+        self._stage, self._tier = 0, 0
+        self._prompt = self.backend.prompt(self._sample)
+        return self._obs(), {"budget_ms": self._budget, "sample": self._sample}
+
+    def action_masks(self) -> np.ndarray:
+        tier = np.zeros(3, bool)
+        pinned = np.zeros(N_TOP_K, bool), np.zeros(N_BLOCKS, bool)
+        if self._stage == 0:
+            tier[:] = True
+            pinned[0][0] = pinned[1][0] = True
+            return np.concatenate([tier, *pinned])
+        tier[self._tier] = True
+        return np.concatenate([tier, np.ones(N_TOP_K, bool), np.ones(N_BLOCKS, bool)])
+
+    def step(self, action):
+        action = np.asarray(action).reshape(-1)
+        if self._stage == 0:
+            self._tier = int(action[0])
+            self._tokens = self.backend.tokens(self._sample, self._tier)
+            self._stage = 1
+            return self._obs(), 0.0, False, False, {"tier": TIERS[self._tier]}
+        reward, info = self._finish(config_index(self._tier, int(action[1]), int(action[2])), 0.0)
+        return self._obs(), reward, True, False, info
+
+
+class SingleStageKnobEnv(_KnobEnv):
+    def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
+                 global_ms: float = 0.0):  # fmt: skip
+        """`global_ms`: the cost of encoding the global crop first, paid unless tier = low reuses it."""
+        super().__init__(backend, budgets, full_ms, penalty, controller_ms)
+        self.global_ms = float(global_ms)
+        f32 = np.float32
+        self.observation_space = spaces.Dict({
+            "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
+            "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
+            "global_view": spaces.Box(-np.inf, np.inf, (d_model,), f32),
+        })  # fmt: skip
+
+    def _obs(self):
+        return {"budget": budget_features(self._budget, self.full_ms), "prompt": np.array(self._prompt, np.float32),
+                "global_view": np.array(self._global, np.float32)}  # fmt: skip
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._new_request()
+        self._prompt = self.backend.prompt(self._sample)
+        self._global = self.backend.global_view(self._sample)
+        return self._obs(), {"budget_ms": self._budget, "sample": self._sample}
+
+    def action_masks(self) -> np.ndarray:
+        return np.ones(3 + N_TOP_K + N_BLOCKS, bool)
+
+    def step(self, action):
+        action = np.asarray(action).reshape(-1)
+        tier = int(action[0])
+        reward, info = self._finish(config_index(tier, int(action[1]), int(action[2])),
+                                    0.0 if tier == 0 else self.global_ms)  # fmt: skip
+        return self._obs(), reward, True, False, info
+
+
+def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=None) -> ReplayBackend:
+    """A replay backend over an outcome table; features are computed once and cached on disk."""
+    import os
+    from pathlib import Path
+
+    from envs.features import cache_key
+    from envs.outcomes import dataset_samples
+
+    table = OutcomeTable.load(table_path)
+    if table.configs != [Config(*c) for c in _product(model.cfg.knob_lists())]:
+        raise ValueError(f"{table_path} was built for other knob values than model {model.cfg.name}")
+    cache_dir = Path(cache_dir or os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))
+    path = cache_dir / f"features-{cache_key(model, table.meta)}.npz"
+    if path.exists():
+        features = FeatureCache.load(path)
+    else:
+        features = FeatureCache.build(model, dataset_samples(table.meta["dataset"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+    return ReplayBackend(table, features, latency_model, model.cfg.knob_lists())
+
+
+def _product(knobs: dict):
+    return [(t, k, b) for t in knobs["tier"] for k in knobs["top_k"] for b in knobs["blocks"]]
+
+
+def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, d_model: int, penalty=None,
+             controller_ms: float = 0.0, global_ms: float = 0.0):  # fmt: skip
+    if kind == "two_stage":
+        return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model)
+    if kind == "single_stage":
+        return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms)
+    raise ValueError(f"unknown environment kind {kind!r}; choose two_stage or single_stage")
+
+
+gym.register("KnobRL/TwoStage-v0", entry_point=TwoStageKnobEnv)
+gym.register("KnobRL/SingleStage-v0", entry_point=SingleStageKnobEnv)

@@ -1,0 +1,124 @@
+"""The knob environments: replay == live with profile latency, masks, rewards, checkers."""
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from test_outcomes import fake_latency
+
+from envs.budgets import parse_distribution
+from envs.features import FeatureCache, request_features
+from envs.knob_env import LiveBackend, Penalty, ReplayBackend, SingleStageKnobEnv, TwoStageKnobEnv, config_index
+from envs.latency import LatencyModel
+from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples
+from envs.vlm.checkpoint import save_model
+from envs.vlm.evaluate import all_configs
+
+DATASET = {"kind": "synthvqa", "seed": 21, "n": 5}
+
+
+@pytest.fixture(scope="module")
+def world(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("env")
+    model_dir = str(save_model(tiny, tmp / "m"))
+    out = build_outcomes(model_dir, DATASET, tmp / "t", fake_latency(), all_configs(tiny), progress=False)
+    table = OutcomeTable.load(out)
+    samples = dataset_samples(DATASET)
+    return tiny, table, FeatureCache.build(tiny, samples, progress=False), samples
+
+
+def _envs(world, cls=TwoStageKnobEnv, **kw):
+    model, table, feats, samples = world
+    lm = LatencyModel.from_dict(fake_latency())
+    replay = cls(ReplayBackend(table, feats, lm, model.cfg.knob_lists()), parse_distribution("uniform"), 20.0, **kw)
+    live = cls(LiveBackend(model, samples, lm), parse_distribution("uniform"), 20.0, **kw)
+    return replay, live
+
+
+@pytest.mark.parametrize("cls", [TwoStageKnobEnv, SingleStageKnobEnv])
+def test_live_and_replay_agree_under_the_same_seed(world, cls):
+    replay, live = _envs(world, cls, penalty=Penalty("relative", 0.5), controller_ms=0.25)
+    rng = np.random.default_rng(0)
+    for episode in range(6):
+        (o1, _), (o2, _) = replay.reset(seed=episode), live.reset(seed=episode)
+        done = False
+        while not done:
+            for key in o1:
+                np.testing.assert_allclose(o1[key], o2[key], atol=1e-5, rtol=1e-5, err_msg=key)
+            mask = replay.action_masks()
+            assert (mask == live.action_masks()).all()
+            action = [rng.choice(np.flatnonzero(m)) for m in np.split(mask, [3, 8])]
+            o1, r1, done, _, i1 = replay.step(action)
+            o2, r2, done2, _, i2 = live.step(action)
+            assert done == done2
+            assert r1 == pytest.approx(r2, abs=1e-5)
+        assert i1["config"] == i2["config"] and i1["score"] == i2["score"]
+        assert i1["latency_ms"] == pytest.approx(i2["latency_ms"], abs=1e-3)
+
+
+def test_two_stage_masks_pin_the_undecided_knobs(world):
+    env, _ = _envs(world)
+    env.reset(seed=1)
+    m = env.action_masks()
+    assert m.tolist() == [True] * 3 + [True, False, False, False, False] * 2
+    obs, r, done, _, info = env.step([2, 0, 0])
+    assert obs["stage"][0] == 1 and obs["tier"].tolist() == [0, 0, 1] and r == 0.0 and not done
+    assert obs["token_mask"].sum() > 16  # vision slots and question tokens
+    assert env.action_masks().tolist() == [False, False, True] + [True] * 10
+    _, r, done, _, info = env.step([2, 4, 4])
+    assert done and info["config"].tier == "high" and info["config"].top_k == 8 and info["config"].blocks == 13
+
+
+def test_reward_is_score_minus_penalty_and_controller_overhead_counts(world):
+    model, table, feats, samples = world
+    env, _ = _envs(world, controller_ms=3.0, penalty=Penalty("indicator", 2.0))
+    env.reset(seed=3)
+    sample, budget = env._sample, env._budget
+    env.step([1, 2, 3])
+    _, r, _, _, info = env.step([1, 2, 3])
+    cfg = config_index(1, 2, 3)
+    latency = float(table.latency[sample, cfg]) + 3.0
+    assert info["latency_ms"] == pytest.approx(latency)
+    assert info["controller_ms"] == pytest.approx(3.0)
+    assert info["violation"] == (latency > budget)
+    assert r == pytest.approx(table.score[sample, cfg] - 2.0 * (latency > budget))
+    assert set(info["latency_parts"]) >= {"vision", "prefill", "decode", "controller", "total"}
+
+
+def test_single_stage_pays_the_global_crop_unless_low_tier_reuses_it(world):
+    model, table, feats, samples = world
+    env, _ = _envs(world, SingleStageKnobEnv, global_ms=5.0)
+    env.reset(seed=4)
+    s = env._sample
+    _, _, _, _, low = env.step([0, 4, 4])
+    env.reset(seed=4)
+    _, _, _, _, high = env.step([2, 4, 4])
+    assert low["latency_ms"] == pytest.approx(table.latency[s, config_index(0, 4, 4)])
+    assert high["latency_ms"] == pytest.approx(table.latency[s, config_index(2, 4, 4)] + 5.0)
+
+
+def test_budgets_follow_the_distribution(world):
+    env, _ = _envs(world)
+    budgets = [env.reset(seed=i)[1]["budget_ms"] for i in range(200)]
+    assert 0.2 * 20 <= min(budgets) and max(budgets) <= 1.2 * 20 and np.std(budgets) > 2
+
+
+def test_live_features_match_the_cache(world):
+    model, table, feats, samples = world
+    f = request_features(model, samples[2].image, samples[2].question)
+    np.testing.assert_allclose(f.tokens["medium"], feats.tokens[2, 1], atol=1e-5)
+    np.testing.assert_allclose(f.prompt, feats.prompt[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [TwoStageKnobEnv, SingleStageKnobEnv])
+def test_env_checkers_pass(world, cls):
+    env, _ = _envs(world, cls)
+    gym_check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=True)
+
+
+def test_bad_penalty():
+    with pytest.raises(ValueError, match="unknown penalty"):
+        Penalty("quadratic")
+    with pytest.raises(ValueError, match="weight"):
+        Penalty("indicator", -1)
