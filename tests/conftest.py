@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from envs.vlm.checkpoint import build_model
+from envs.budgets import parse_distribution
+from envs.features import FeatureCache
+from envs.knob_env import LiveBackend, ReplayBackend, TwoStageKnobEnv
+from envs.latency import LatencyModel
+from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples
+from envs.vlm.checkpoint import build_model, save_model
+from envs.vlm.evaluate import all_configs
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +31,35 @@ QUESTIONS = ["what colour is the largest shape?", "how many circles?", "which le
 @pytest.fixture
 def questions():
     return list(QUESTIONS)
+
+
+def fake_latency() -> dict:
+    """A latency model with known coefficients: cost grows with crops, tokens, top-k and blocks."""
+    kb = [(k, b) for k in (1, 2, 4, 6, 8) for b in (5, 7, 9, 11, 13)]
+    return LatencyModel(
+        per_crop={"preprocess": (0.5, 0.1), "vision": (1.0, 2.0), "connector": (0.2, 0.1)},
+        prefix=(1.0, 0.05),
+        prefill_rest={f"{k}|{b}": (0.5, 0.002 * b * (4 + k)) for k, b in kb},
+        decode_per_token={f"{k}|{b}": 0.3 * b + 0.1 * k for k, b in kb},
+    ).to_dict()
+
+
+DATASET = {"kind": "synthvqa", "seed": 21, "n": 5}
+
+
+@pytest.fixture(scope="module")
+def world(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("env")
+    model_dir = str(save_model(tiny, tmp / "m"))
+    out = build_outcomes(model_dir, DATASET, tmp / "t", fake_latency(), all_configs(tiny), progress=False)
+    table = OutcomeTable.load(out)
+    samples = dataset_samples(DATASET)
+    return tiny, table, FeatureCache.build(tiny, samples, progress=False), samples
+
+
+def _envs(world, cls=TwoStageKnobEnv, **kw):
+    model, table, feats, samples = world
+    lm = LatencyModel.from_dict(fake_latency())
+    replay = cls(ReplayBackend(table, feats, lm, model.cfg.knob_lists()), parse_distribution("uniform"), 20.0, **kw)
+    live = cls(LiveBackend(model, samples, lm), parse_distribution("uniform"), 20.0, **kw)
+    return replay, live

@@ -2,37 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import _envs
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-from test_outcomes import fake_latency
 
-from envs.budgets import parse_distribution
-from envs.features import FeatureCache, request_features
-from envs.knob_env import LiveBackend, Penalty, ReplayBackend, SingleStageKnobEnv, TwoStageKnobEnv, config_index
-from envs.latency import LatencyModel
-from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples
-from envs.vlm.checkpoint import save_model
-from envs.vlm.evaluate import all_configs
-
-DATASET = {"kind": "synthvqa", "seed": 21, "n": 5}
-
-
-@pytest.fixture(scope="module")
-def world(tiny, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("env")
-    model_dir = str(save_model(tiny, tmp / "m"))
-    out = build_outcomes(model_dir, DATASET, tmp / "t", fake_latency(), all_configs(tiny), progress=False)
-    table = OutcomeTable.load(out)
-    samples = dataset_samples(DATASET)
-    return tiny, table, FeatureCache.build(tiny, samples, progress=False), samples
-
-
-def _envs(world, cls=TwoStageKnobEnv, **kw):
-    model, table, feats, samples = world
-    lm = LatencyModel.from_dict(fake_latency())
-    replay = cls(ReplayBackend(table, feats, lm, model.cfg.knob_lists()), parse_distribution("uniform"), 20.0, **kw)
-    live = cls(LiveBackend(model, samples, lm), parse_distribution("uniform"), 20.0, **kw)
-    return replay, live
+from envs.features import request_features
+from envs.knob_env import Penalty, SingleStageKnobEnv, TwoStageKnobEnv, config_index
 
 
 @pytest.mark.parametrize("cls", [TwoStageKnobEnv, SingleStageKnobEnv])

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import fake_latency
 
 from envs.latency import PARTS, LatencyModel, profile_latency
 from envs.oracle import (
@@ -26,17 +27,6 @@ from envs.vlm.checkpoint import save_model
 from envs.vlm.evaluate import Config
 
 CONFIGS = [Config("low", 8, 13), Config("low", 1, 5), Config("high", 2, 7), Config("high", 8, 13)]
-
-
-def fake_latency() -> dict:
-    """A latency model with known coefficients: cost grows with crops, tokens, top-k and blocks."""
-    kb = [(k, b) for k in (1, 2, 4, 6, 8) for b in (5, 7, 9, 11, 13)]
-    return LatencyModel(
-        per_crop={"preprocess": (0.5, 0.1), "vision": (1.0, 2.0), "connector": (0.2, 0.1)},
-        prefix=(1.0, 0.05),
-        prefill_rest={f"{k}|{b}": (0.5, 0.002 * b * (4 + k)) for k, b in kb},
-        decode_per_token={f"{k}|{b}": 0.3 * b + 0.1 * k for k, b in kb},
-    ).to_dict()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,198 @@
+"""Controller networks in plain torch (usable without SB3). Each returns action logits over
+MultiDiscrete([3, 5, 5]) (tier, top_k, blocks; 13 numbers) and a state value.
+
+Two-stage: stage 1 picks the tier before any vision work, from the budget (option A, about 10K
+parameters), the budget and the pooled prompt embedding (option B), or the budget and the prompt's
+semantic route (the nearest of k-means clusters of training prompts). Stage 2 runs the VLM's own
+layers 0-2 (frozen) over the request summary plus a budget token; the budget token's hidden state
+feeds a scheduler MLP with a top_k head and a blocks head.
+Single-stage: fuses the global-crop feature, the pooled prompt and the budget by an MLP or a small
+Transformer, with three heads.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from envs.vlm.presets import FIRST_KNOBBED_LAYER
+from envs.vlm.staged import attention_mask, run_layer
+
+N_TIER, N_TOP_K, N_BLOCKS = 3, 5, 5
+N_BUDGET = 3
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+class Stage1Budget(nn.Module):
+    """Option A: the budget alone decides the tier."""
+
+    def __init__(self, d_model: int, hidden: int = 96):
+        super().__init__()
+        self.pi, self.v = mlp([N_BUDGET, hidden, hidden, N_TIER]), mlp([N_BUDGET, 32, 1])
+
+    def forward(self, obs):
+        return self.pi(obs["budget"]), self.v(obs["budget"])
+
+
+class Stage1Prompt(nn.Module):
+    """Option B: budget and pooled prompt embedding."""
+
+    def __init__(self, d_model: int, hidden: int = 128):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.pi, self.v = mlp([N_BUDGET + d_model, hidden, hidden, N_TIER]), mlp([N_BUDGET + d_model, hidden, 1])
+
+    def forward(self, obs):
+        x = torch.cat([obs["budget"], self.norm(obs["prompt"])], dim=-1)
+        return self.pi(x), self.v(x)
+
+
+class SemanticRouter(nn.Module):
+    """Option B as a router: the prompt's nearest route (k-means centroid) and the budget decide."""
+
+    def __init__(self, d_model: int, routes: list[list[float]], hidden: int = 64):
+        super().__init__()
+        self.register_buffer("centroids", torch.tensor(routes, dtype=torch.float32))
+        r = len(routes)
+        self.pi, self.v = mlp([N_BUDGET + r, hidden, N_TIER]), mlp([N_BUDGET + r, hidden, 1])
+
+    def route(self, prompt: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(prompt, self.centroids).argmin(dim=-1)
+
+    def forward(self, obs):
+        onehot = nn.functional.one_hot(self.route(obs["prompt"]), len(self.centroids)).float()
+        x = torch.cat([obs["budget"], onehot], dim=-1)
+        return self.pi(x), self.v(x)
+
+    @staticmethod
+    def fit_routes(prompts: np.ndarray, n_routes: int = 8, iters: int = 50, seed: int = 0) -> list[list[float]]:
+        """k-means (k-means++ start) of training prompts' embeddings."""
+        rng = np.random.default_rng(seed)
+        x = np.asarray(prompts, dtype=np.float64)
+        uniq = np.unique(x, axis=0)
+        n_routes = min(n_routes, len(uniq))
+        centres = [uniq[rng.integers(len(uniq))]]
+        for _ in range(1, n_routes):
+            d = np.min([((uniq - c) ** 2).sum(1) for c in centres], axis=0)
+            centres.append(uniq[rng.choice(len(uniq), p=d / d.sum())] if d.sum() > 0 else uniq[0])
+        c = np.stack(centres)
+        for _ in range(iters):
+            assign = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+            c = np.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(n_routes)])
+        return c.tolist()
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+class Stage2Scheduler(nn.Module):
+    """The VLM's layers 0-2 (frozen copies) over the request summary + a budget token."""
+
+    def __init__(self, vlm, hidden: int = 128):
+        super().__init__()
+        d = vlm.cfg.llm.d_model
+        self.layers = nn.ModuleList(copy.deepcopy(vlm.llm.layers[i]) for i in range(FIRST_KNOBBED_LAYER))
+        self.rotary = copy.deepcopy(vlm.llm.rotary_emb)
+        self.top_k = vlm.cfg.llm.top_k
+        for p in self.layers.parameters():
+            p.requires_grad_(False)
+        self.budget_token = nn.Linear(N_BUDGET + N_TIER, d)
+        self.norm = nn.LayerNorm(d)
+        self.trunk = nn.Sequential(nn.Linear(d, hidden), nn.Tanh())
+        self.top_k_head, self.blocks_head = nn.Linear(hidden, N_TOP_K), nn.Linear(hidden, N_BLOCKS)
+        self.v = mlp([d, hidden, 1])
+
+    def forward(self, obs):
+        tokens, valid = obs["tokens"], obs["token_mask"] > 0.5
+        b = tokens.shape[0]
+        budget = self.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))[:, None]
+        h = torch.cat([tokens, budget], dim=1)
+        valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=valid.device)], dim=1)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        mask = attention_mask(valid, h.shape[1], h.dtype)
+        pos_emb = self.rotary(h, positions)
+        for layer in self.layers:
+            h = run_layer(layer, h, pos_emb, mask, None, self.top_k)
+        z = self.norm(h[:, -1])
+        t = self.trunk(z)
+        return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1), self.v(z)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.layers.eval()  # frozen: no dropout or other training behaviour
+        return self
+
+
+class TwoStageNet(nn.Module):
+    """Routes each observation to stage 1 or stage 2 by its stage flag."""
+
+    def __init__(self, vlm, stage1: str = "budget", routes: list[list[float]] | None = None):
+        super().__init__()
+        d = vlm.cfg.llm.d_model
+        if stage1 == "budget":
+            self.stage1 = Stage1Budget(d)
+        elif stage1 == "prompt":
+            self.stage1 = Stage1Prompt(d)
+        elif stage1 == "router":
+            if not routes:
+                raise ValueError("the semantic router needs routes (SemanticRouter.fit_routes)")
+            self.stage1 = SemanticRouter(d, routes)
+        else:
+            raise ValueError(f"unknown stage-1 variant {stage1!r}; choose budget, prompt or router")
+        self.stage2 = Stage2Scheduler(vlm)
+
+    def forward(self, obs):
+        stage2 = obs["stage"][:, 0] > 0.5
+        b = stage2.shape[0]
+        logits = obs["budget"].new_zeros(b, N_TIER + N_TOP_K + N_BLOCKS)
+        value = obs["budget"].new_zeros(b, 1)
+        if (~stage2).any():
+            sub = {k: v[~stage2] for k, v in obs.items()}
+            lg, v = self.stage1(sub)
+            logits[~stage2, :N_TIER], value[~stage2] = lg, v
+        if stage2.any():
+            sub = {k: v[stage2] for k, v in obs.items()}
+            lg, v = self.stage2(sub)
+            logits[stage2, N_TIER:], value[stage2] = lg, v
+        return logits, value
+
+
+class SingleStageNet(nn.Module):
+    """Global-crop feature + pooled prompt + budget -> (tier, top_k, blocks) heads."""
+
+    def __init__(self, vlm, fusion: str = "mlp", hidden: int = 128):
+        super().__init__()
+        d = vlm.cfg.llm.d_model
+        self.fusion = fusion
+        self.norm_g, self.norm_p = nn.LayerNorm(d), nn.LayerNorm(d)
+        if fusion == "mlp":
+            self.body = nn.Sequential(
+                nn.Linear(2 * d + N_BUDGET, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+            )
+        elif fusion == "transformer":
+            self.proj_g, self.proj_p = nn.Linear(d, hidden), nn.Linear(d, hidden)
+            self.proj_b = nn.Linear(N_BUDGET, hidden)
+            self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
+            layer = nn.TransformerEncoderLayer(hidden, 4, 2 * hidden, dropout=0.0, batch_first=True)
+            self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        else:
+            raise ValueError(f"unknown fusion {fusion!r}; choose mlp or transformer")
+        self.pi = nn.Linear(hidden, N_TIER + N_TOP_K + N_BLOCKS)
+        self.v = nn.Linear(hidden, 1)
+
+    def forward(self, obs):
+        g, p = self.norm_g(obs["global_view"]), self.norm_p(obs["prompt"])
+        if self.fusion == "mlp":
+            z = self.body(torch.cat([g, p, obs["budget"]], dim=-1))
+        else:
+            toks = torch.stack([self.proj_g(g), self.proj_p(p), self.proj_b(obs["budget"])], dim=1)
+            z = self.body(torch.cat([self.cls.expand(len(toks), -1, -1), toks], dim=1))[:, 0]
+        return self.pi(z), self.v(z)

@@ -1,0 +1,113 @@
+"""SB3 (MaskablePPO) policies around the torch networks.
+
+The network maps the observation dict straight to MultiDiscrete logits and a value, so SB3's
+action and value nets are identities. `policy_kwargs` choose the variant and name the VLM whose
+layers 0-2 stage 2 copies; `_get_constructor_parameters` returns them so a saved policy loads again.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import torch
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+from policies.networks import SingleStageNet, TwoStageNet
+
+
+class PassThrough(BaseFeaturesExtractor):
+    """Hands the observation dict to the network unchanged."""
+
+    def __init__(self, observation_space: gym.spaces.Dict):
+        super().__init__(observation_space, features_dim=1)
+
+    def forward(self, obs):
+        return obs
+
+
+class _Extractor(nn.Module):
+    """SB3's `mlp_extractor` contract: latent_pi = logits, latent_vf = value."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.latent_dim_pi, self.latent_dim_vf = 13, 1
+
+    def forward(self, obs):
+        return self.net(obs)
+
+    def forward_actor(self, obs):
+        return self.net(obs)[0]
+
+    def forward_critic(self, obs):
+        return self.net(obs)[1]
+
+
+def _load_vlm(vlm: str):
+    from envs.vlm.checkpoint import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_model(vlm)
+
+
+class _KnobPolicy(MaskableActorCriticPolicy):
+    def __init__(self, observation_space, action_space, lr_schedule, vlm: str = "tiny", **kwargs):
+        self.vlm = vlm
+        kwargs.setdefault("features_extractor_class", PassThrough)
+        kwargs["share_features_extractor"] = True
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _make_net(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _build(self, lr_schedule) -> None:
+        self.mlp_extractor = _Extractor(self._make_net())
+        self.action_net, self.value_net = nn.Identity(), nn.Identity()
+        self.optimizer = self.optimizer_class(
+            [p for p in self.parameters() if p.requires_grad], lr=lr_schedule(1), **self.optimizer_kwargs
+        )
+
+    def _get_constructor_parameters(self) -> dict:
+        data = super()._get_constructor_parameters()
+        data.update(self._variant())
+        return data
+
+    def _variant(self) -> dict:
+        return {"vlm": self.vlm}
+
+
+class TwoStagePolicy(_KnobPolicy):
+    def __init__(self, *args, stage1: str = "budget", routes: list | None = None, **kwargs):
+        self.stage1, self.routes = stage1, routes
+        super().__init__(*args, **kwargs)
+
+    def _make_net(self):
+        return TwoStageNet(_load_vlm(self.vlm), self.stage1, self.routes)
+
+    def _variant(self):
+        return {"vlm": self.vlm, "stage1": self.stage1, "routes": self.routes}
+
+
+class SingleStagePolicy(_KnobPolicy):
+    def __init__(self, *args, fusion: str = "mlp", **kwargs):
+        self.fusion = fusion
+        super().__init__(*args, **kwargs)
+
+    def _make_net(self):
+        return SingleStageNet(_load_vlm(self.vlm), self.fusion)
+
+    def _variant(self):
+        return {"vlm": self.vlm, "fusion": self.fusion}
+
+
+POLICIES = {"two_stage": TwoStagePolicy, "single_stage": SingleStagePolicy}
+
+
+def log_prob_and_value(policy: _KnobPolicy, obs: dict, actions: torch.Tensor, masks: torch.Tensor):
+    """Masked log-probability of `actions` and the value, with gradients (behaviour cloning)."""
+    values, log_prob, entropy = policy.evaluate_actions(obs, actions, action_masks=masks)
+    return log_prob, values.flatten(), entropy
