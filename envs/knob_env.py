@@ -157,11 +157,16 @@ class _KnobEnv(gym.Env):
         self._sample = int(self.np_random.integers(len(self.backend)))
         self._budget = float(self.budgets.sample(self.np_random, 1, self.full_ms)[0])
 
-    def _finish(self, cfg: int, extra_ms: float):
+    def added_latency(self) -> np.ndarray:
+        """Controller time added to each of the 75 configs' latency (oracle labels use it too)."""
+        return np.full(3 * N_TOP_K * N_BLOCKS, self.controller_ms)
+
+    def _finish(self, cfg: int):
         score, parts = self.backend.outcome(self._sample, cfg)
         parts = dict(parts)
-        parts["controller"] = parts.get("controller", 0.0) + self.controller_ms + extra_ms
-        latency = parts["total"] + self.controller_ms + extra_ms
+        added = float(self.added_latency()[cfg])
+        parts["controller"] = parts.get("controller", 0.0) + added
+        latency = parts["total"] + added
         parts["total"] = latency
         tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
         kl = self.backend.knob_lists
@@ -224,7 +229,7 @@ class TwoStageKnobEnv(_KnobEnv):
             self._tokens = self.backend.tokens(self._sample, self._tier)
             self._stage = 1
             return self._obs(), 0.0, False, False, {"tier": TIERS[self._tier]}
-        reward, info = self._finish(config_index(self._tier, int(action[1]), int(action[2])), 0.0)
+        reward, info = self._finish(config_index(self._tier, int(action[1]), int(action[2])))
         return self._obs(), reward, True, False, info
 
 
@@ -257,10 +262,14 @@ class SingleStageKnobEnv(_KnobEnv):
 
     def step(self, action):
         action = np.asarray(action).reshape(-1)
-        tier = int(action[0])
-        reward, info = self._finish(config_index(tier, int(action[1]), int(action[2])),
-                                    0.0 if tier == 0 else self.global_ms)  # fmt: skip
+        reward, info = self._finish(config_index(int(action[0]), int(action[1]), int(action[2])))
         return self._obs(), reward, True, False, info
+
+    def added_latency(self) -> np.ndarray:
+        """The global crop is encoded before the decision; tier = low reuses it, other tiers pay it."""
+        added = super().added_latency()
+        added[N_TOP_K * N_BLOCKS :] += self.global_ms
+        return added
 
 
 def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=None) -> ReplayBackend:

@@ -21,13 +21,16 @@ def indicator_reward(score: np.ndarray, latency: np.ndarray, budget: np.ndarray,
 
 def oracle_configs(table: OutcomeTable, budgets: np.ndarray) -> np.ndarray:
     """Config index per sample ([n]) for per-sample budgets ([n], ms)."""
+    return oracle_from_arrays(table.score, table.latency, budgets)
+
+
+def oracle_from_arrays(score: np.ndarray, latency: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """`oracle_configs` on raw [n, c] score and latency arrays."""
     budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
-    fits = table.latency <= budgets
+    fits = latency <= budgets
     # lexicographic: fits first, then score, then lower latency
-    key = np.where(fits, table.score.astype(np.float64) * 1e9 - table.latency, -np.inf)
-    best = key.argmax(axis=1)
-    cheapest = table.latency.argmin(axis=1)
-    return np.where(fits.any(axis=1), best, cheapest)
+    key = np.where(fits, score.astype(np.float64) * 1e9 - latency, -np.inf)
+    return np.where(fits.any(axis=1), key.argmax(axis=1), latency.argmin(axis=1))
 
 
 def max_config(table: OutcomeTable) -> int:

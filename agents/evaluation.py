@@ -1,0 +1,110 @@
+"""Evaluate policies and baselines on the same requests and budgets, per budget distribution.
+
+Every policy and baseline runs the same episodes (same seeds: same samples, same budgets) through
+an environment, so the latency accounting (controller overhead, global-crop reuse) is the
+environment's. Baselines are free of controller overhead: oracle, best static config (chosen on
+the train split under the same distribution), max config, random feasible config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.knob_env import N_BLOCKS, N_TOP_K, Penalty, TwoStageKnobEnv
+from envs.oracle import max_config, oracle_from_arrays
+
+METRICS = ("accuracy", "violation_rate", "mean_latency_ms", "p95_latency_ms", "mean_reward", "controller_ms")
+
+
+def _split(cfg: int) -> tuple[int, int, int]:
+    tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
+    return tier, rest // N_BLOCKS, rest % N_BLOCKS
+
+
+def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np.ndarray]:
+    """`choose(env, obs, masks) -> action` for each step; returns per-episode arrays."""
+    out = {k: [] for k in ("score", "latency", "violation", "reward", "controller", "config", "budget")}
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done = False
+        while not done:
+            obs, reward, done, _, info = env.step(choose(env, obs, env.action_masks()))
+        for key, val in (("score", info["score"]), ("latency", info["latency_ms"]), ("violation", info["violation"]),
+                         ("reward", reward), ("controller", info["controller_ms"]), ("config", info["config_index"]),
+                         ("budget", info["budget_ms"])):  # fmt: skip
+            out[key].append(val)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def summarize(r: dict[str, np.ndarray]) -> dict[str, float]:
+    return {
+        "accuracy": float(r["score"].mean()), "violation_rate": float(r["violation"].mean()),
+        "mean_latency_ms": float(r["latency"].mean()), "p95_latency_ms": float(np.percentile(r["latency"], 95)),
+        "mean_reward": float(r["reward"].mean()), "controller_ms": float(r["controller"].mean()),
+        "episodes": len(r["score"]),
+    }  # fmt: skip
+
+
+def policy_chooser(model):
+    """Deterministic actions of an SB3 (Maskable)PPO model."""
+
+    def choose(env, obs, masks):
+        action, _ = model.predict(obs, action_masks=masks, deterministic=True)
+        return action
+
+    return choose
+
+
+def config_chooser(pick):
+    """Turn `pick(env) -> config index` into per-step actions (two-stage: tier first)."""
+
+    def choose(env, obs, masks):
+        tier, k, b = _split(pick(env))
+        if isinstance(env, TwoStageKnobEnv) and env._stage == 0:
+            return np.array([tier, 0, 0])
+        return np.array([env._tier if isinstance(env, TwoStageKnobEnv) else tier, k, b])
+
+    return choose
+
+
+def _row(env):
+    return env.backend.valid[env._sample]
+
+
+def vector_penalty(penalty: Penalty, latency: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    if penalty.kind == "indicator":
+        return penalty.weight * (latency > budget)
+    return penalty.weight * np.maximum(0.0, latency / budget - 1.0)
+
+
+def best_static(train_env, distribution, episodes: int = 2000, seed: int = 0) -> int:
+    """The config with the best mean reward on the train split under this budget distribution."""
+    rng = np.random.default_rng(seed)
+    table = train_env.backend.table.valid()
+    idx = rng.integers(len(table.ok), size=episodes)
+    budgets = distribution.sample(rng, episodes, train_env.full_ms)[:, None]
+    reward = table.score[idx] - vector_penalty(train_env.penalty, table.latency[idx], budgets)
+    return int(reward.mean(axis=0).argmax())
+
+
+def baselines(env, train_env, distribution, episodes: int, seed: int) -> dict[str, dict]:
+    """Baselines on `env` (an environment without controller overhead)."""
+    table = env.backend.table
+    rng = np.random.default_rng(seed)
+    static = best_static(train_env, distribution)
+    biggest = max_config(table)
+
+    def oracle(e):
+        r = _row(e)
+        return int(oracle_from_arrays(table.score[r : r + 1], table.latency[r : r + 1], [e._budget])[0])
+
+    def random_feasible(e):
+        lat = table.latency[_row(e)]
+        fits = np.flatnonzero(lat <= e._budget)
+        return int(rng.choice(fits)) if len(fits) else int(lat.argmin())
+
+    picks = {"oracle": oracle, "best_static": lambda e: static, "max_config": lambda e: biggest,
+             "random_feasible": random_feasible}  # fmt: skip
+    out = {name: summarize(run_episodes(env, config_chooser(p), episodes, seed)) for name, p in picks.items()}
+    out["best_static"]["config"] = table.configs[static].__dict__
+    return out

@@ -1,0 +1,202 @@
+"""The main job: oracle imitation, then MaskablePPO fine-tuning, then evaluation across budgets.
+
+Read top to bottom: assets (model, profile, outcome tables) -> replay environments -> policy ->
+controller overhead -> behaviour cloning -> PPO -> evaluation of BC, PPO and baselines -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sb3_contrib import MaskablePPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import DummyVecEnv
+from torch.utils.tensorboard import SummaryWriter
+
+from agents.evaluation import baselines, policy_chooser, run_episodes, summarize
+from agents.imitation import behaviour_clone, collect
+from agents.report import write_report
+from envs.budgets import parse_distribution
+from envs.knob_env import Penalty, make_env, replay_backend
+from envs.latency import LatencyModel
+from envs.vlm.checkpoint import EMBEDDED, load_model
+from envs.vlm.presets import PRESETS
+from policies.sb3 import POLICIES
+
+VARIANTS = {"two_stage": ("budget", "prompt", "router"), "single_stage": ("mlp", "transformer")}
+
+
+@dataclass
+class Args:
+    policy: str = "two_stage"
+    variant: str | None = None  # two_stage: budget | prompt | router; single_stage: mlp | transformer
+    model: str = "tiny"
+    out: Path = Path("runs/ppo")
+    quick: bool = False
+    train_budgets: str = "log_uniform"
+    eval_budgets: str = "uniform,log_uniform,tight,loose,bimodal"
+    penalty: str = "indicator"
+    penalty_weight: float = 1.0
+    bc_episodes: int = 3000
+    bc_epochs: int = 15
+    ppo_steps: int = 16384
+    n_envs: int = 8
+    eval_episodes: int = 500
+    learning_rate: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.policy not in VARIANTS:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {list(VARIANTS)}")
+        self.variant = self.variant or VARIANTS[self.policy][0]
+        if self.variant not in VARIANTS[self.policy]:
+            raise ValueError(f"unknown {self.policy} variant {self.variant!r}; choose one of {VARIANTS[self.policy]}")
+        if self.quick:
+            self.bc_episodes, self.bc_epochs, self.ppo_steps, self.eval_episodes = 600, 6, 1024, 150
+
+
+def assets_dir(model: str) -> Path:
+    return EMBEDDED / model if model in PRESETS else Path(model)
+
+
+class Assets:
+    """The VLM, its latency profile and outcome tables; replay backends over them."""
+
+    def __init__(self, model: str):
+        root = assets_dir(model)
+        for need in ("latency_cpu.json", "outcomes/train.npz", "outcomes/test.npz"):
+            if not (root / need).is_file():
+                raise FileNotFoundError(f"{root / need} is missing; see README (profile_latency, build_outcomes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.vlm = load_model(model)
+        profile = json.loads((root / "latency_cpu.json").read_text())
+        self.latency_model = LatencyModel.from_dict(profile["model"])
+        self.full_ms = float(profile["reference_full_ms"])
+        self.global_ms = sum(a + b for p, (a, b) in self.latency_model.per_crop.items())
+        self.train = replay_backend(self.vlm, root / "outcomes/train.npz", self.latency_model)
+        self.test = replay_backend(self.vlm, root / "outcomes/test.npz", self.latency_model)
+
+    def env(self, kind, backend, budgets, penalty, controller_ms=0.0, pay_global=True):
+        return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg.llm.d_model, penalty, controller_ms,
+                        self.global_ms if pay_global else 0.0)  # fmt: skip
+
+
+def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
+    """Median wall time of the policy's decisions for one request (all its steps), batch 1, CPU."""
+    times = []
+    for i in range(repeats + 3):
+        obs, _ = env.reset(seed=i)
+        done, spent = False, 0.0
+        while not done:
+            masks = env.action_masks()
+            t0 = time.perf_counter()
+            action, _ = model.predict(obs, action_masks=masks, deterministic=True)
+            spent += time.perf_counter() - t0
+            obs, _, done, _, _ = env.step(action)
+        if i >= 3:
+            times.append(spent * 1e3)
+    return float(statistics.median(times))
+
+
+class EpisodeLogger(BaseCallback):
+    """TensorBoard: accuracy, violation rate, latency, reward and knob histograms of finished episodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.buf: dict[str, list] = {k: [] for k in ("score", "violation", "latency", "reward", "tier", "k", "b")}
+
+    def _on_step(self) -> bool:
+        for info, done, reward in zip(self.locals["infos"], self.locals["dones"], self.locals["rewards"], strict=True):
+            if done and "config" in info:
+                c = info["config"]
+                for key, val in (("score", info["score"]), ("violation", info["violation"]), ("reward", reward),
+                                 ("latency", info["latency_ms"]), ("tier", ["low", "medium", "high"].index(c.tier)),
+                                 ("k", c.top_k), ("b", c.blocks)):  # fmt: skip
+                    self.buf[key].append(float(val))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if not self.buf["score"]:
+            return
+        for key, name in (("score", "accuracy"), ("violation", "violation_rate"), ("latency", "latency_ms"),
+                          ("reward", "reward")):  # fmt: skip
+            self.logger.record(f"episode/{name}", float(np.mean(self.buf[key])))
+        for key in ("tier", "k", "b"):
+            self.logger.record(f"knobs/{key}", torch.tensor(self.buf[key]))
+        self.buf = {k: [] for k in self.buf}
+
+
+def evaluate_all(assets: Assets, args: Args, policies: dict, penalty: Penalty, controller_ms: float) -> dict:
+    results = {}
+    for spec in args.eval_budgets.split(","):
+        dist = parse_distribution(spec)
+        env = assets.env(args.policy, assets.test, dist, penalty, controller_ms)
+        rows = {name: run_episodes(env, policy_chooser(m), args.eval_episodes, args.seed + 10_000)
+                for name, m in policies.items()}  # fmt: skip
+        plain = assets.env("two_stage", assets.test, dist, penalty, 0.0)
+        train = assets.env("two_stage", assets.train, dist, penalty, 0.0)
+        results[dist.name] = {name: summarize(r) for name, r in rows.items()}
+        results[dist.name].update(baselines(plain, train, dist, args.eval_episodes, args.seed + 10_000))
+        results[dist.name]["_episodes"] = {name: {k: r[k].tolist() for k in ("budget", "score", "violation")}
+                                           for name, r in rows.items()}  # fmt: skip
+    return results
+
+
+def run(args: Args) -> Path:
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
+    assets = Assets(args.model)
+    penalty = Penalty(args.penalty, args.penalty_weight)
+    train_dist = parse_distribution(args.train_budgets)
+
+    envs = [assets.env(args.policy, assets.train, train_dist, penalty) for _ in range(args.n_envs)]
+    vec = DummyVecEnv([lambda e=e: e for e in envs])
+    vec.seed(args.seed)
+    kwargs = {"vlm": args.model}
+    if args.policy == "two_stage":
+        kwargs["stage1"] = args.variant
+        if args.variant == "router":
+            from policies.networks import SemanticRouter
+
+            kwargs["routes"] = SemanticRouter.fit_routes(assets.train.features.prompt, 8, seed=args.seed)
+    else:
+        kwargs["fusion"] = args.variant
+    model = MaskablePPO(POLICIES[args.policy], vec, learning_rate=args.learning_rate, n_steps=256, batch_size=256,
+                        n_epochs=4, gamma=1.0, ent_coef=0.003, seed=args.seed, policy_kwargs=kwargs,
+                        tensorboard_log=str(args.out / "tb"), verbose=0)  # fmt: skip
+
+    controller_ms = controller_overhead_ms(model, envs[0])
+    for e in envs:
+        e.controller_ms = controller_ms
+    print(f"controller overhead {controller_ms:.2f} ms per request")
+
+    demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed)
+    writer = SummaryWriter(str(args.out / "tb" / "bc"))
+    history = behaviour_clone(model.policy, demos, args.bc_epochs, seed=args.seed, log=writer.add_scalar)
+    writer.close()
+    model.save(args.out / "policy_bc.zip")
+    print(f"behaviour cloning: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs")
+
+    model.learn(args.ppo_steps, callback=EpisodeLogger(), progress_bar=True, tb_log_name="ppo")
+    model.save(args.out / "policy.zip")
+
+    bc = MaskablePPO.load(args.out / "policy_bc.zip")
+    results = evaluate_all(assets, args, {"ppo": model, "bc_only": bc}, penalty, controller_ms)
+    meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms,
+            "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "bc_loss": history, "test_samples": len(assets.test)}  # fmt: skip
+    write_report(args.out, meta, results)
+    return args.out

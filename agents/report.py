@@ -1,0 +1,74 @@
+"""eval.json, eval.md and plots (accuracy and violation rate against budget) of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from agents.evaluation import METRICS
+
+ORDER = ("ppo", "bc_only", "oracle", "best_static", "max_config", "random_feasible")
+
+
+def _names(block: dict) -> list[str]:
+    return [n for n in ORDER if n in block] + sorted(n for n in block if n not in ORDER and not n.startswith("_"))
+
+
+def markdown(meta: dict, results: dict) -> str:
+    lines = [f"# {meta['policy']} ({meta['variant']})", "",
+             f"controller overhead {meta['controller_ms']:.2f} ms; full-config latency "
+             f"{meta['full_config_ms']:.1f} ms; run {meta['minutes']:.1f} min; peak memory "
+             f"{meta['peak_memory_mb']:.0f} MB", ""]  # fmt: skip
+    for dist, block in results.items():
+        lines += [f"## budgets: {dist}", "", "| policy | " + " | ".join(METRICS) + " |",
+                  "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+        for name in _names(block):
+            lines.append(f"| {name} | " + " | ".join(f"{block[name][m]:.3f}" for m in METRICS) + " |")
+        if "ppo" in block and "bc_only" in block:
+            diff = block["ppo"]["mean_reward"] - block["bc_only"]["mean_reward"]
+            lines += ["", f"PPO - BC mean reward: {diff:+.4f}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(out: Path, results: dict, full_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, 3 * len(results)), squeeze=False)
+    for row, (dist, block) in enumerate(results.items()):
+        episodes = block.get("_episodes", {})
+        for name, ep in episodes.items():
+            budget = np.asarray(ep["budget"]) / full_ms
+            edges = np.quantile(budget, np.linspace(0, 1, 9))
+            which = np.clip(np.searchsorted(edges, budget, side="right") - 1, 0, 7)
+            centres = [budget[which == i].mean() for i in range(8) if (which == i).any()]
+            acc = [np.mean(np.asarray(ep["score"])[which == i]) for i in range(8) if (which == i).any()]
+            vio = [np.mean(np.asarray(ep["violation"])[which == i]) for i in range(8) if (which == i).any()]
+            axes[row][0].plot(centres, acc, "o-", label=name)
+            axes[row][1].plot(centres, vio, "o-", label=name)
+        for name in _names(block):
+            if name not in episodes:  # baselines: their mean as a level line
+                axes[row][0].axhline(block[name]["accuracy"], ls="--", lw=1, label=f"{name} (mean)",
+                                     color=f"C{2 + _names(block).index(name)}")  # fmt: skip
+                axes[row][1].axhline(block[name]["violation_rate"], ls="--", lw=1,
+                                     color=f"C{2 + _names(block).index(name)}")  # fmt: skip
+        axes[row][0].set_title(f"{dist}: accuracy vs budget")
+        axes[row][1].set_title(f"{dist}: violation rate vs budget")
+        for ax in axes[row]:
+            ax.set_xlabel("budget / full-config latency")
+        axes[row][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out: Path, meta: dict, results: dict) -> None:
+    (out / "eval.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "eval.md").write_text(markdown(meta, results))
+    plot(out / "eval.png", results, meta["full_config_ms"])
+    print(markdown(meta, results))

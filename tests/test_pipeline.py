@@ -1,0 +1,89 @@
+"""The main job end to end on a small world, and its bad-input errors."""
+
+import json
+
+import pytest
+from conftest import fake_latency
+
+from agents.imitation import collect, oracle_action
+from agents.pipeline import Args, run
+from envs.outcomes import OutcomeTable, build_outcomes
+from envs.vlm.checkpoint import save_model
+from envs.vlm.evaluate import all_configs
+from scripts.train_ppo import main as train_main
+
+
+@pytest.fixture(scope="module")
+def assets(tiny, tmp_path_factory):
+    """A model directory laid out like the shipped one: profile and train/test outcome tables beside it."""
+    root = save_model(tiny, tmp_path_factory.mktemp("assets") / "tiny")
+    (root / "latency_cpu.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 25.0}))
+    (root / "outcomes").mkdir()
+    for split, seed in (("train", 30), ("test", 31)):
+        out = build_outcomes(str(root), {"kind": "synthvqa", "seed": seed, "n": 8}, root / "tables" / split,
+                             fake_latency(), all_configs(tiny), progress=False)  # fmt: skip
+        OutcomeTable.load(out).save_npz(root / "outcomes" / f"{split}.npz")
+    return root
+
+
+def small(root, tmp, **kw):
+    args = Args(model=str(root), out=tmp, bc_episodes=60, bc_epochs=3, ppo_steps=256, n_envs=2, eval_episodes=30,
+                eval_budgets="tight,loose", **kw)  # fmt: skip
+    return args
+
+
+@pytest.mark.parametrize("policy,variant", [("two_stage", "budget"), ("single_stage", "mlp")])
+def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, variant, monkeypatch):
+    monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
+    out = run(small(assets, tmp_path / "run", policy=policy, variant=variant))
+    for f in ("policy.zip", "policy_bc.zip", "eval.json", "eval.md", "eval.png", "args.json"):
+        assert (out / f).is_file(), f
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["results"]) == {"tight", "loose"}
+    for block in report["results"].values():
+        assert {"ppo", "bc_only", "oracle", "best_static", "max_config", "random_feasible"} <= set(block)
+        for name in ("ppo", "oracle", "max_config"):
+            assert 0 <= block[name]["accuracy"] <= 1 and 0 <= block[name]["violation_rate"] <= 1
+        assert block["oracle"]["violation_rate"] <= block["max_config"]["violation_rate"]
+        assert block["ppo"]["controller_ms"] > 0 and block["oracle"]["controller_ms"] == 0
+    assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
+    assert list((out / "tb").rglob("events.out.tfevents*"))
+
+
+def test_oracle_demonstrations_reach_the_oracle_reward(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
+    from agents.pipeline import Assets
+    from envs.budgets import parse_distribution
+    from envs.knob_env import Penalty
+
+    a = Assets(str(assets))
+    env = a.env("two_stage", a.train, parse_distribution("uniform"), Penalty(), controller_ms=1.0)
+    demos = collect(env, 20, gamma=1.0)
+    assert demos.actions.shape == (40, 3) and demos.masks.shape == (40, 13)
+    assert (demos.actions[0::2, 1:] == 0).all()  # stage 0 pins top_k and blocks
+    assert (demos.actions[0::2, 0] == demos.actions[1::2, 0]).all()
+    env.reset(seed=3)
+    tier, k, b = oracle_action(env)
+    table, row = env.backend.table, env.backend.valid[env._sample]
+    lat = table.latency[row] + 1.0
+    fits = lat <= env._budget
+    cfg = (tier * 5 + k) * 5 + b
+    if fits.any():
+        assert fits[cfg] and table.score[row, cfg] == table.score[row][fits].max()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--policy", "three_stage"], "unknown policy"),
+    (["--policy", "two_stage", "--variant", "mlp"], "unknown two_stage variant"),
+])  # fmt: skip
+def test_bad_arguments(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        train_main(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_bad_budget_distribution_is_reported(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
+    code = train_main(["--model", str(assets), "--out", str(tmp_path / "r"), "--train-budgets", "gaussian",
+                       "--quick"])  # fmt: skip
+    assert code == 2 and "unknown budget distribution 'gaussian'" in capsys.readouterr().err
