@@ -136,17 +136,19 @@ class EpisodeLogger(BaseCallback):
         self.buf = {k: [] for k in self.buf}
 
 
-def evaluate_all(assets: Assets, args: Args, policies: dict, penalty: Penalty, controller_ms: float) -> dict:
+def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalty: Penalty, controller_ms: float,
+                 episodes: int, seed: int, test=None) -> dict:  # fmt: skip
+    """Every policy and baseline on the same test episodes, per budget distribution."""
+    test = test or assets.test
     results = {}
-    for spec in args.eval_budgets.split(","):
+    for spec in budgets.split(","):
         dist = parse_distribution(spec)
-        env = assets.env(args.policy, assets.test, dist, penalty, controller_ms)
-        rows = {name: run_episodes(env, policy_chooser(m), args.eval_episodes, args.seed + 10_000)
-                for name, m in policies.items()}  # fmt: skip
-        plain = assets.env("two_stage", assets.test, dist, penalty, 0.0)
+        env = assets.env(kind, test, dist, penalty, controller_ms)
+        rows = {name: run_episodes(env, policy_chooser(m), episodes, seed) for name, m in policies.items()}
+        plain = assets.env("two_stage", test, dist, penalty, 0.0)
         train = assets.env("two_stage", assets.train, dist, penalty, 0.0)
         results[dist.name] = {name: summarize(r) for name, r in rows.items()}
-        results[dist.name].update(baselines(plain, train, dist, args.eval_episodes, args.seed + 10_000))
+        results[dist.name].update(baselines(plain, train, dist, episodes, seed))
         results[dist.name]["_episodes"] = {name: {k: r[k].tolist() for k in ("budget", "score", "violation")}
                                            for name, r in rows.items()}  # fmt: skip
     return results
@@ -193,7 +195,8 @@ def run(args: Args) -> Path:
     model.save(args.out / "policy.zip")
 
     bc = MaskablePPO.load(args.out / "policy_bc.zip")
-    results = evaluate_all(assets, args, {"ppo": model, "bc_only": bc}, penalty, controller_ms)
+    results = evaluate_all(assets, args.policy, args.eval_budgets, {"ppo": model, "bc_only": bc}, penalty,
+                           controller_ms, args.eval_episodes, args.seed + 10_000)  # fmt: skip
     meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms,
             "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -87,3 +87,29 @@ def test_bad_budget_distribution_is_reported(assets, tmp_path, capsys, monkeypat
     code = train_main(["--model", str(assets), "--out", str(tmp_path / "r"), "--train-budgets", "gaussian",
                        "--quick"])  # fmt: skip
     assert code == 2 and "unknown budget distribution 'gaussian'" in capsys.readouterr().err
+
+
+def test_evaluate_and_compare_scripts(assets, tmp_path, monkeypatch, capsys):
+    from scripts.compare import main as compare_main
+    from scripts.evaluate import main as evaluate_main
+
+    monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
+    run_dir = run(small(assets, tmp_path / "run"))
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([10, 20, 40]))
+    out = tmp_path / "ev.json"
+    argv = ["--policy", str(run_dir / "policy.zip"), "--budgets", f"tight,trace:{trace}", "--seed", "33", "--n", "4",
+            "--episodes", "10", "--out", str(out)]  # fmt: skip
+    assert evaluate_main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["results"]) == {"tight", f"trace:{trace}"}
+    assert {"policy", "bc_only", "oracle", "best_static"} <= set(rep["results"]["tight"])
+    assert list((tmp_path / "cache" / "outcomes").glob("synthvqa-33-4-*/table.npz"))
+    assert compare_main([str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    bad = [*argv[:3], "gaussian", *argv[4:]]
+    assert evaluate_main(bad) == 2 and "unknown budget distribution" in capsys.readouterr().err
+    (tmp_path / "empty.json").write_text("[]")
+    assert evaluate_main([*argv[:3], f"trace:{tmp_path / 'empty.json'}", *argv[4:]]) == 2
+    assert evaluate_main(["--policy", str(tmp_path / "nope.zip"), *argv[2:]]) == 2
+    assert "policy file not found" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""Evaluate a saved policy on a fresh SynthVQA test split, against the oracle and the baselines.
+
+    python scripts/evaluate.py --policy runs/ppo_two_stage_budget/policy.zip \
+        --budgets uniform,tight,bimodal,trace:budgets.json --seed 7 --n 500 --out eval_seed7.json
+
+The split's outcome table is built once (vision and layers 0-2 shared per sample and tier) and
+cached under $KNOB_RL_CACHE (default ~/.cache/knob-rl). A policy_bc.zip beside the policy is
+evaluated too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from sb3_contrib import MaskablePPO
+
+from agents.pipeline import Assets, assets_dir, controller_overhead_ms, evaluate_all
+from agents.report import markdown
+from envs.budgets import BudgetError, parse_distribution
+from envs.knob_env import Penalty, replay_backend
+from envs.outcomes import OutcomeTable, build_outcomes
+from envs.vlm.evaluate import all_configs
+from policies.sb3 import SingleStagePolicy, TwoStagePolicy
+
+
+def load_policy(path: Path) -> tuple[MaskablePPO, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"policy file not found: {path}")
+    try:
+        model = MaskablePPO.load(path, device="cpu")
+    except Exception as e:  # a zip that is not an SB3 save, or one of a class we do not know
+        raise ValueError(f"{path} is not a saved knob-rl policy: {e}") from None
+    if isinstance(model.policy, TwoStagePolicy):
+        return model, "two_stage"
+    if isinstance(model.policy, SingleStagePolicy):
+        return model, "single_stage"
+    raise ValueError(f"{path} holds a {type(model.policy).__name__}, not a knob-rl policy")
+
+
+def test_table(assets: Assets, model_spec: str, seed: int, n: int) -> Path:
+    root = Path(os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))
+    key = hashlib.sha1(f"{Path(assets_dir(model_spec)).resolve()}|{seed}|{n}".encode()).hexdigest()[:12]
+    out = root / "outcomes" / f"synthvqa-{seed}-{n}-{key}"
+    if not (out / "table.npz").is_file():
+        print(f"building the outcome table of seed {seed} (n={n}) in {out}")
+        build_outcomes(model_spec, {"kind": "synthvqa", "seed": seed, "n": n}, out, assets.latency_model.to_dict(),
+                       all_configs(assets.vlm))  # fmt: skip
+        OutcomeTable.load(out).save_npz(out / "table.npz")
+    return out / "table.npz"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", type=Path, required=True)
+    ap.add_argument("--budgets", default="uniform,tight,bimodal")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--episodes", type=int, default=500)
+    ap.add_argument("--penalty", default="indicator")
+    ap.add_argument("--penalty-weight", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        for spec in args.budgets.split(","):
+            parse_distribution(spec)  # fail before any work
+        model, kind = load_policy(args.policy)
+        assets = Assets(model.policy.vlm)
+        env = assets.env(kind, assets.test, parse_distribution("uniform"), Penalty())
+        if model.observation_space != env.observation_space:
+            raise ValueError(f"{args.policy} was saved for another model or observation space than {model.policy.vlm}")
+        test = replay_backend(assets.vlm, test_table(assets, model.policy.vlm, args.seed, args.n), assets.latency_model)
+        controller_ms = controller_overhead_ms(model, env)
+        policies = {"policy": model}
+        if (args.policy.parent / "policy_bc.zip").is_file():
+            policies["bc_only"] = load_policy(args.policy.parent / "policy_bc.zip")[0]
+        penalty = Penalty(args.penalty, args.penalty_weight)
+        results = evaluate_all(assets, kind, args.budgets, policies, penalty, controller_ms, args.episodes,
+                               args.seed, test)  # fmt: skip
+    except (BudgetError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = {"policy": kind, "variant": getattr(model.policy, "stage1", getattr(model.policy, "fusion", "")),
+            "policy_file": str(args.policy), "seed": args.seed, "n": args.n, "controller_ms": controller_ms,
+            "full_config_ms": assets.full_ms, "minutes": 0.0, "peak_memory_mb": 0.0}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(meta, results))
+    print(markdown(meta, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
