@@ -31,7 +31,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 FAMILIES = ("colour", "presence", "glyph", "count", "sum")
-SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3}
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3, "rl_train": 4}
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
