@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
-import torch
 from gymnasium import spaces
 
 from envs.budgets import BudgetDistribution, budget_features
 from envs.features import N_TEXT, FeatureCache, prompt_embedding, summarise
-from envs.latency import PARTS, LatencyModel, StageTimer
+from envs.latency import PARTS, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
 from envs.tasks.metrics import vqa_soft_accuracy
 from envs.vlm.evaluate import Config
@@ -99,25 +98,15 @@ class LiveBackend:
     def prompt(self, i: int) -> np.ndarray:
         return prompt_embedding(self.model, self.samples[i].question)
 
-    def _prepare(self, i: int, tier: int):
-        s, timer = self.samples[i], StageTimer(self.model.device)
-        with torch.no_grad():
-            with timer.stage("preprocess"):
-                pre = self.model.preprocess([s.image], [s.question], TIERS[tier])
-            with timer.stage("vision"):
-                feats = self.model.encode_vision(pre.pixels())
-            with timer.stage("connector"):
-                prepared = self.model.connect(pre, feats)
-        return pre, prepared, timer
-
     def global_view(self, i: int) -> np.ndarray:
-        pre, prepared, _ = self._prepare(i, 0)
+        s = self.samples[i]
+        pre, prepared, _ = timed_prefix(self.model, s.image, s.question, TIERS[0], StageTimer(), run_prefix=False)
         return summarise(self.model, prepared, pre)[3][0]
 
     def tokens(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray]:
-        pre, prepared, timer = self._prepare(i, tier)
-        with timer.stage("prefill"):
-            state = self.model.prefix(prepared)  # layers 0-2 run once, here, before stage 2
+        s, timer = self.samples[i], StageTimer(self.model.device)
+        # layers 0-2 run once, here, before stage 2 decides
+        pre, prepared, state = timed_prefix(self.model, s.image, s.question, TIERS[tier], timer)
         self._state = (i, tier, state, timer)
         _, tokens, mask, _ = summarise(self.model, prepared, pre)
         return tokens[0], mask[0]

@@ -41,6 +41,21 @@ class StageTimer:
             self.ms[name] += (time.perf_counter() - t0) * 1e3
 
 
+def timed_prefix(model, image, question: str, tier: str, timer: StageTimer, run_prefix: bool = True):
+    """Stage 1 of a request under `timer`: preprocess, vision, connector, and layers 0-2 (in "prefill")."""
+    with timer.stage("preprocess"):
+        pre = model.preprocess([image], [question], tier)
+    with torch.no_grad():
+        with timer.stage("vision"):
+            features = model.encode_vision(pre.pixels())
+        with timer.stage("connector"):
+            prepared = model.connect(pre, features)
+        if not run_prefix:
+            return pre, prepared, None
+        with timer.stage("prefill"):
+            return pre, prepared, model.prefix(prepared)
+
+
 @dataclass
 class TimedAnswer:
     generation: object
@@ -66,15 +81,7 @@ def timed_answer(
     timer = StageTimer(model.device)
     timer._sync()
     t0 = time.perf_counter()
-    with timer.stage("preprocess"):
-        pre = model.preprocess([image], [question], tier)
-    with torch.no_grad():
-        with timer.stage("vision"):
-            features = model.encode_vision(pre.pixels())
-        with timer.stage("connector"):
-            prepared = model.connect(pre, features)
-        with timer.stage("prefill"):
-            state = model.prefix(prepared)
+    _, prepared, state = timed_prefix(model, image, question, tier, timer)
     gen = model.generate(state, model.layers_for(blocks), top_k, max_new_tokens, timer=timer, ignore_eos=ignore_eos)
     gen.blocks = blocks
     timer._sync()
@@ -119,15 +126,7 @@ def profile_latency(model, repeats: int = 5, warmup: int = 2, new_tokens: int = 
         runs = {p: [] for p in ("preprocess", "vision", "connector", "prefix")}
         for r in range(warmup + repeats):
             timer = StageTimer(model.device)
-            with timer.stage("preprocess"):
-                pre = model.preprocess([images[i]], [question], tier)
-            with torch.no_grad():
-                with timer.stage("vision"):
-                    feats = model.encode_vision(pre.pixels())
-                with timer.stage("connector"):
-                    prepared = model.connect(pre, feats)
-                with timer.stage("prefill"):
-                    state = model.prefix(prepared)
+            _, prepared, state = timed_prefix(model, images[i], question, tier, timer)
             if r >= warmup:
                 for p in ("preprocess", "vision", "connector"):
                     runs[p].append(timer.ms[p])
