@@ -39,6 +39,7 @@ VARIANTS = {"two_stage": ("budget", "prompt", "router"), "single_stage": ("mlp",
 class Args:
     policy: str = "two_stage"
     variant: str | None = None  # two_stage: budget | prompt | router; single_stage: mlp | transformer
+    encoder: str = "vlm"  # single_stage's global view: the VLM's own encoder, or a distilled light one
     model: str = "tiny"
     out: Path = Path("runs/ppo")
     quick: bool = False
@@ -60,6 +61,8 @@ class Args:
         self.variant = self.variant or VARIANTS[self.policy][0]
         if self.variant not in VARIANTS[self.policy]:
             raise ValueError(f"unknown {self.policy} variant {self.variant!r}; choose one of {VARIANTS[self.policy]}")
+        if self.encoder not in ("vlm", "light"):
+            raise ValueError(f"unknown global-view encoder {self.encoder!r}; choose vlm or light")
         if self.quick:
             self.bc_episodes, self.bc_epochs, self.ppo_steps, self.eval_episodes = 600, 6, 1024, 150
 
@@ -85,10 +88,24 @@ class Assets:
         self.global_ms = sum(a + b for p, (a, b) in self.latency_model.per_crop.items())
         self.train = replay_backend(self.vlm, root / "outcomes/train.npz", self.latency_model)
         self.test = replay_backend(self.vlm, root / "outcomes/test.npz", self.latency_model)
+        self.reuse_low = True
+        self.light_encoder_error = None
 
-    def env(self, kind, backend, budgets, penalty, controller_ms=0.0, pay_global=True):
+    def use_light_encoder(self, seed: int = 0) -> None:
+        """Distil a light global-view encoder on the train split; swap its features into both splits."""
+        from envs.outcomes import dataset_samples
+        from policies.light_encoder import distill, encode, global_pixels, overhead_ms
+
+        train_px = global_pixels(self.vlm, dataset_samples(self.train.table.meta["dataset"]))
+        enc, self.light_encoder_error = distill(self.vlm, train_px, self.train.features.global_view, seed=seed)
+        self.train.features.global_view = encode(enc, train_px)
+        self.test.features.global_view = encode(enc, global_pixels(self.vlm, dataset_samples(
+            self.test.table.meta["dataset"])))  # fmt: skip
+        self.global_ms, self.reuse_low = overhead_ms(enc, train_px), False
+
+    def env(self, kind, backend, budgets, penalty, controller_ms=0.0):
         return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg.llm.d_model, penalty, controller_ms,
-                        self.global_ms if pay_global else 0.0)  # fmt: skip
+                        self.global_ms, self.reuse_low)  # fmt: skip
 
 
 def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
@@ -160,6 +177,8 @@ def run(args: Args) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
     assets = Assets(args.model)
+    if args.policy == "single_stage" and args.encoder == "light":
+        assets.use_light_encoder(args.seed)
     penalty = Penalty(args.penalty, args.penalty_weight)
     train_dist = parse_distribution(args.train_budgets)
 
@@ -198,6 +217,8 @@ def run(args: Args) -> Path:
     results = evaluate_all(assets, args.policy, args.eval_budgets, {"ppo": model, "bc_only": bc}, penalty,
                            controller_ms, args.eval_episodes, args.seed + 10_000)  # fmt: skip
     meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms,
+            "global_view": {"encoder": args.encoder, "ms": assets.global_ms, "reused_at_low_tier": assets.reuse_low,
+                            "distillation_relative_error": assets.light_encoder_error},
             "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "bc_loss": history, "test_samples": len(assets.test)}  # fmt: skip

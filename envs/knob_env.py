@@ -224,10 +224,11 @@ class TwoStageKnobEnv(_KnobEnv):
 
 class SingleStageKnobEnv(_KnobEnv):
     def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
-                 global_ms: float = 0.0):  # fmt: skip
-        """`global_ms`: the cost of encoding the global crop first, paid unless tier = low reuses it."""
+                 global_ms: float = 0.0, reuse_low: bool = True):  # fmt: skip
+        """`global_ms`: the cost of encoding the global view first, paid unless tier = low reuses it
+        (`reuse_low`: the VLM's own encoder; a distilled light encoder's features cannot be reused)."""
         super().__init__(backend, budgets, full_ms, penalty, controller_ms)
-        self.global_ms = float(global_ms)
+        self.global_ms, self.reuse_low = float(global_ms), reuse_low
         f32 = np.float32
         self.observation_space = spaces.Dict({
             "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
@@ -257,7 +258,7 @@ class SingleStageKnobEnv(_KnobEnv):
     def added_latency(self) -> np.ndarray:
         """The global crop is encoded before the decision; tier = low reuses it, other tiers pay it."""
         added = super().added_latency()
-        added[N_TOP_K * N_BLOCKS :] += self.global_ms
+        added[N_TOP_K * N_BLOCKS if self.reuse_low else 0 :] += self.global_ms
         return added
 
 
@@ -288,11 +289,11 @@ def _product(knobs: dict):
 
 
 def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, d_model: int, penalty=None,
-             controller_ms: float = 0.0, global_ms: float = 0.0):  # fmt: skip
+             controller_ms: float = 0.0, global_ms: float = 0.0, reuse_low: bool = True):  # fmt: skip
     if kind == "two_stage":
         return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model)
     if kind == "single_stage":
-        return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms)
+        return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms, reuse_low)
     raise ValueError(f"unknown environment kind {kind!r}; choose two_stage or single_stage")
 
 

@@ -70,6 +70,8 @@ def test_single_stage_pays_the_global_crop_unless_low_tier_reuses_it(world):
     _, _, _, _, high = env.step([2, 4, 4])
     assert low["latency_ms"] == pytest.approx(table.latency[s, config_index(0, 4, 4)])
     assert high["latency_ms"] == pytest.approx(table.latency[s, config_index(2, 4, 4)] + 5.0)
+    light, _ = _envs(world, SingleStageKnobEnv, global_ms=1.0, reuse_low=False)  # a light encoder: never reused
+    assert (light.added_latency() == 1.0).all()
 
 
 def test_budgets_follow_the_distribution(world):

@@ -32,10 +32,13 @@ def small(root, tmp, **kw):
     return args
 
 
-@pytest.mark.parametrize("policy,variant", [("two_stage", "budget"), ("single_stage", "mlp")])
-def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, variant, monkeypatch):
+@pytest.mark.parametrize(
+    "policy,variant,encoder", [("two_stage", "budget", "vlm"), ("single_stage", "mlp", "vlm"),
+                               ("single_stage", "transformer", "light")]
+)  # fmt: skip
+def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, variant, encoder, monkeypatch):
     monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
-    out = run(small(assets, tmp_path / "run", policy=policy, variant=variant))
+    out = run(small(assets, tmp_path / "run", policy=policy, variant=variant, encoder=encoder))
     for f in ("policy.zip", "policy_bc.zip", "eval.json", "eval.md", "eval.png", "args.json"):
         assert (out / f).is_file(), f
     report = json.loads((out / "eval.json").read_text())
@@ -48,6 +51,10 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
         assert block["ppo"]["controller_ms"] > 0 and block["oracle"]["controller_ms"] == 0
     assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
     assert list((out / "tb").rglob("events.out.tfevents*"))
+    view = report["meta"]["global_view"]
+    assert view["reused_at_low_tier"] == (encoder == "vlm") and view["ms"] > 0
+    if encoder == "light":
+        assert 0 <= view["distillation_relative_error"] < 1
 
 
 def test_oracle_demonstrations_reach_the_oracle_reward(assets, tmp_path, monkeypatch):
