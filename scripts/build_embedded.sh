@@ -11,7 +11,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"
-for spec in "rl_train 4 600 train" "val 1 200 val" "test 2 2000 test"; do
+for spec in "rl_train 4 600 train" "val 1 200 val" "test 2 1000 test"; do
   set -- $spec
   OMP_NUM_THREADS=1 python scripts/build_outcomes.py --model tiny --seed "$2" --n "$3" --out "runs/outcomes/$1" &
 done
@@ -21,4 +21,4 @@ for split in train val test; do
   cp "$src/table.npz" "$W/outcomes/$split.npz"
   cp "$src/pareto.png" "reports/pareto_tiny_$split.png"
 done
-python scripts/eval_vlm.py --model tiny --seed 2 --n 2000 --outcomes runs/outcomes/test --out reports/tiny_eval_seed2.json
+python scripts/eval_vlm.py --model tiny --seed 2 --n 1000 --outcomes runs/outcomes/test --out reports/tiny_eval_seed2.json
