@@ -46,11 +46,11 @@ def summarize(r: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def policy_chooser(model):
-    """Deterministic actions of an SB3 (Maskable)PPO model."""
+    """Deterministic actions of a trained policy, on the serving path whose time the env charges."""
+    from policies.sb3 import decide
 
     def choose(env, obs, masks):
-        action, _ = model.predict(obs, action_masks=masks, deterministic=True)
-        return action
+        return decide(model.policy, obs, masks)
 
     return choose
 

@@ -30,7 +30,7 @@ from envs.knob_env import Penalty, make_env, replay_backend
 from envs.latency import LatencyModel
 from envs.vlm.checkpoint import EMBEDDED, load_model
 from envs.vlm.presets import PRESETS
-from policies.sb3 import POLICIES
+from policies.sb3 import POLICIES, decide
 
 VARIANTS = {"two_stage": ("budget", "prompt", "router"), "single_stage": ("mlp", "transformer")}
 
@@ -109,7 +109,8 @@ class Assets:
 
 
 def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
-    """Median wall time of the policy's decisions for one request (all its steps), batch 1, CPU."""
+    """Median wall time of the policy's decisions for one request (all its steps), batch 1, on the
+    serving path (`decide`: observation to tensors, network, masked argmax)."""
     times = []
     for i in range(repeats + 3):
         obs, _ = env.reset(seed=i)
@@ -117,7 +118,7 @@ def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
         while not done:
             masks = env.action_masks()
             t0 = time.perf_counter()
-            action, _ = model.predict(obs, action_masks=masks, deterministic=True)
+            action = decide(model.policy, obs, masks)
             spent += time.perf_counter() - t0
             obs, _, done, _, _ = env.step(action)
         if i >= 3:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import gymnasium as gym
+import numpy as np
 import torch
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -105,6 +106,18 @@ class SingleStagePolicy(_KnobPolicy):
 
 
 POLICIES = {"two_stage": TwoStagePolicy, "single_stage": SingleStagePolicy}
+
+
+def decide(policy: _KnobPolicy, obs: dict, masks: np.ndarray) -> np.ndarray:
+    """The deterministic action for one observation: the serving path, without SB3's predict wrapper.
+
+    Its wall time is the controller overhead the environments charge.
+    """
+    with torch.no_grad():
+        batch = {k: torch.as_tensor(v, device=policy.device)[None] for k, v in obs.items()}
+        logits, _ = policy.mlp_extractor.net(batch)
+        logits = logits[0].masked_fill(~torch.as_tensor(masks, device=policy.device), -torch.inf)
+        return np.array([int(part.argmax()) for part in torch.split(logits, [3, 5, 5])])
 
 
 def log_prob_and_value(policy: _KnobPolicy, obs: dict, actions: torch.Tensor, masks: torch.Tensor):

@@ -9,7 +9,7 @@ from sb3_contrib import MaskablePPO
 from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
 from envs.vlm.checkpoint import save_model
 from policies.networks import SemanticRouter, Stage1Budget, TwoStageNet
-from policies.sb3 import SingleStagePolicy, TwoStagePolicy
+from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_maskable_ppo_learns_saves_and_loads(world, vlm_dir, tmp_path, cls, poli
             a1, _ = model.predict(obs, action_masks=masks, deterministic=True)
             a2, _ = loaded.predict(obs, action_masks=masks, deterministic=True)
             assert (a1 == a2).all() and masks[:3][a1[0]] and masks[3:8][a1[1]] and masks[8:][a1[2]]
+            assert (decide(loaded.policy, obs, masks) == a1).all()  # the serving path acts the same
             obs, _, done, _, _ = env.step(a1)
             if done:
                 break
