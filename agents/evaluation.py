@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.knob_env import N_BLOCKS, N_TOP_K, Penalty, TwoStageKnobEnv
-from envs.oracle import max_config, oracle_from_arrays
+from envs.knob_env import N_BLOCKS, N_TOP_K, TwoStageKnobEnv
+from envs.oracle import best_static_from_arrays, max_config, oracle_from_arrays, random_feasible_from_arrays
 
 METRICS = ("accuracy", "violation_rate", "mean_latency_ms", "p95_latency_ms", "mean_reward", "controller_ms")
 
@@ -71,20 +71,13 @@ def _row(env):
     return env.backend.valid[env._sample]
 
 
-def vector_penalty(penalty: Penalty, latency: np.ndarray, budget: np.ndarray) -> np.ndarray:
-    if penalty.kind == "indicator":
-        return penalty.weight * (latency > budget)
-    return penalty.weight * np.maximum(0.0, latency / budget - 1.0)
-
-
 def best_static(train_env, distribution, episodes: int = 2000, seed: int = 0) -> int:
     """The config with the best mean reward on the train split under this budget distribution."""
     rng = np.random.default_rng(seed)
     table = train_env.backend.table.valid()
     idx = rng.integers(len(table.ok), size=episodes)
-    budgets = distribution.sample(rng, episodes, train_env.full_ms)[:, None]
-    reward = table.score[idx] - vector_penalty(train_env.penalty, table.latency[idx], budgets)
-    return int(reward.mean(axis=0).argmax())
+    budgets = distribution.sample(rng, episodes, train_env.full_ms)
+    return best_static_from_arrays(table.score[idx], table.latency[idx], budgets, train_env.penalty)
 
 
 def baselines(env, train_env, distribution, episodes: int, seed: int) -> dict[str, dict]:
@@ -99,9 +92,8 @@ def baselines(env, train_env, distribution, episodes: int, seed: int) -> dict[st
         return int(oracle_from_arrays(table.score[r : r + 1], table.latency[r : r + 1], [e._budget])[0])
 
     def random_feasible(e):
-        lat = table.latency[_row(e)]
-        fits = np.flatnonzero(lat <= e._budget)
-        return int(rng.choice(fits)) if len(fits) else int(lat.argmin())
+        r = _row(e)
+        return int(random_feasible_from_arrays(table.latency[r : r + 1], [e._budget], rng)[0])
 
     picks = {"oracle": oracle, "best_static": lambda e: static, "max_config": lambda e: biggest,
              "random_feasible": random_feasible}  # fmt: skip

@@ -25,8 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 from agents.evaluation import baselines, policy_chooser, run_episodes, summarize
 from agents.imitation import behaviour_clone, collect
 from agents.report import write_report
-from envs.budgets import parse_distribution
-from envs.knob_env import Penalty, make_env, replay_backend
+from envs.budgets import Penalty, parse_distribution
+from envs.knob_env import make_env, replay_backend
 from envs.latency import LatencyModel
 from envs.vlm.checkpoint import EMBEDDED, load_model
 from envs.vlm.presets import PRESETS

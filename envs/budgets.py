@@ -99,3 +99,26 @@ def budget_features(budget_ms: np.ndarray | float, full_ms: float) -> np.ndarray
     b = np.asarray(budget_ms, dtype=np.float64)
     ratio = b / full_ms
     return np.stack([np.log(b), ratio, np.log(ratio)], axis=-1).astype(np.float32)
+
+
+@dataclass
+class Penalty:
+    """The budget-violation penalty: `indicator` = weight * [latency > budget]; `relative` = weight *
+    max(0, latency / budget - 1). Works on scalars (returns a float) and on arrays (broadcasts)."""
+
+    kind: str = "indicator"
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("indicator", "relative"):
+            raise ValueError(f"unknown penalty {self.kind!r}; choose indicator or relative")
+        if not np.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"penalty weight must be a finite number >= 0, got {self.weight}")
+
+    def __call__(self, latency_ms, budget_ms):
+        latency, budget = np.asarray(latency_ms, dtype=np.float64), np.asarray(budget_ms, dtype=np.float64)
+        if self.kind == "indicator":
+            p = self.weight * (latency > budget)
+        else:
+            p = self.weight * np.maximum(0.0, latency / budget - 1.0)
+        return float(p) if np.ndim(p) == 0 else p

@@ -32,10 +32,6 @@ class RequestFeatures:
     global_view: np.ndarray  # [d]
 
 
-def n_tokens(model) -> int:
-    return model.cfg.vision.tokens_per_side**2 + N_TEXT
-
-
 def prompt_embedding(model, question: str) -> np.ndarray:
     """Mean input embedding of the prompt's tokens: what stage 1 knows before any vision work."""
     ids = torch.tensor(model.tokenizer.prompt_ids(question), device=model.device)

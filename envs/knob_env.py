@@ -15,13 +15,11 @@ reward = score - penalty(latency, budget), latency including controller overhead
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.budgets import BudgetDistribution, budget_features
+from envs.budgets import BudgetDistribution, Penalty, budget_features
 from envs.features import N_TEXT, FeatureCache, prompt_embedding, summarise
 from envs.latency import PARTS, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
@@ -30,25 +28,6 @@ from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
 
 N_TOP_K, N_BLOCKS = 5, 5
-
-
-@dataclass
-class Penalty:
-    """`indicator`: weight * [latency > budget]; `relative`: weight * max(0, latency/budget - 1)."""
-
-    kind: str = "indicator"
-    weight: float = 1.0
-
-    def __post_init__(self):
-        if self.kind not in ("indicator", "relative"):
-            raise ValueError(f"unknown penalty {self.kind!r}; choose indicator or relative")
-        if not np.isfinite(self.weight) or self.weight < 0:
-            raise ValueError(f"penalty weight must be a finite number >= 0, got {self.weight}")
-
-    def __call__(self, latency_ms: float, budget_ms: float) -> float:
-        if self.kind == "indicator":
-            return self.weight * float(latency_ms > budget_ms)
-        return self.weight * max(0.0, latency_ms / budget_ms - 1.0)
 
 
 def config_index(tier: int, k: int, b: int) -> int:

@@ -7,16 +7,10 @@ all requests, chosen on the train split), the max config, and a random feasible 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
+from envs.budgets import Penalty
 from envs.outcomes import OutcomeTable
-
-
-def indicator_reward(score: np.ndarray, latency: np.ndarray, budget: np.ndarray, weight: float = 1.0) -> np.ndarray:
-    """score - weight * [latency > budget]: the default reward, broadcast over configs."""
-    return score - weight * (latency > budget)
 
 
 def oracle_configs(table: OutcomeTable, budgets: np.ndarray) -> np.ndarray:
@@ -38,19 +32,26 @@ def max_config(table: OutcomeTable) -> int:
                                                          table.configs[j].tier == "high"))  # fmt: skip
 
 
-def best_static_config(train: OutcomeTable, budgets: np.ndarray, reward: Callable = indicator_reward) -> int:
+def best_static_config(train: OutcomeTable, budgets: np.ndarray, penalty: Penalty | None = None) -> int:
     """The one config with the highest mean reward on the train split under these budgets."""
+    return best_static_from_arrays(train.score, train.latency, budgets, penalty or Penalty())
+
+
+def best_static_from_arrays(score: np.ndarray, latency: np.ndarray, budgets: np.ndarray, penalty: Penalty) -> int:
     budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
-    return int(reward(train.score, train.latency, budgets).mean(axis=0).argmax())
+    return int((score - penalty(latency, budgets)).mean(axis=0).argmax())
 
 
 def random_feasible_configs(table: OutcomeTable, budgets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Uniform among configs that fit each sample's budget; the cheapest when none fits."""
+    return random_feasible_from_arrays(table.latency, budgets, rng)
+
+
+def random_feasible_from_arrays(latency: np.ndarray, budgets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
-    fits = table.latency <= budgets
+    fits = latency <= budgets
     noise = np.where(fits, rng.random(fits.shape), -1.0)
-    pick = noise.argmax(axis=1)
-    return np.where(fits.any(axis=1), pick, table.latency.argmin(axis=1))
+    return np.where(fits.any(axis=1), noise.argmax(axis=1), latency.argmin(axis=1))
 
 
 def pareto_front(accuracy: np.ndarray, latency: np.ndarray) -> np.ndarray:

@@ -118,9 +118,3 @@ def decide(policy: _KnobPolicy, obs: dict, masks: np.ndarray) -> np.ndarray:
         logits, _ = policy.mlp_extractor.net(batch)
         logits = logits[0].masked_fill(~torch.as_tensor(masks, device=policy.device), -torch.inf)
         return np.array([int(part.argmax()) for part in torch.split(logits, [3, 5, 5])])
-
-
-def log_prob_and_value(policy: _KnobPolicy, obs: dict, actions: torch.Tensor, masks: torch.Tensor):
-    """Masked log-probability of `actions` and the value, with gradients (behaviour cloning)."""
-    values, log_prob, entropy = policy.evaluate_actions(obs, actions, action_masks=masks)
-    return log_prob, values.flatten(), entropy

@@ -21,8 +21,8 @@ from sb3_contrib import MaskablePPO
 
 from agents.pipeline import Assets, assets_dir, controller_overhead_ms, evaluate_all
 from agents.report import markdown
-from envs.budgets import BudgetError, parse_distribution
-from envs.knob_env import Penalty, replay_backend
+from envs.budgets import BudgetError, Penalty, parse_distribution
+from envs.knob_env import replay_backend
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.vlm.evaluate import all_configs
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy

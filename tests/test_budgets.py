@@ -68,3 +68,14 @@ def test_budget_features_are_log_scale_and_ratio():
     np.testing.assert_allclose(f[:, 0], np.log([50, 100, 400]), rtol=1e-6)
     np.testing.assert_allclose(f[:, 2], np.log([0.5, 1.0, 4.0]), atol=1e-6)
     assert np.ptp(f, axis=0).min() > 0.5  # every feature varies over a realistic range
+
+
+def test_penalty_on_scalars_and_arrays():
+    from envs.budgets import Penalty
+
+    assert Penalty("indicator", 2.0)(30.0, 25.0) == 2.0 and Penalty()(20.0, 25.0) == 0.0
+    assert Penalty("relative", 0.5)(30.0, 20.0) == pytest.approx(0.25)
+    arr = Penalty("relative", 1.0)(np.array([[10.0, 30.0]]), np.array([[20.0], [15.0]]))
+    np.testing.assert_allclose(arr, [[0.0, 0.5], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="unknown penalty"):
+        Penalty("quadratic")

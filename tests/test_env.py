@@ -6,8 +6,9 @@ from conftest import _envs
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+from envs.budgets import Penalty
 from envs.features import request_features
-from envs.knob_env import Penalty, SingleStageKnobEnv, TwoStageKnobEnv, config_index
+from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv, config_index
 
 
 @pytest.mark.parametrize("cls", [TwoStageKnobEnv, SingleStageKnobEnv])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import fake_latency
 
+from envs.budgets import Penalty
 from envs.latency import PARTS, LatencyModel, profile_latency
 from envs.oracle import (
     best_static_config,
-    indicator_reward,
     max_config,
     oracle_configs,
     pareto_front,
@@ -165,8 +165,11 @@ def test_baselines():
     picks = np.stack([random_feasible_configs(t, np.full(3, 25.0), rng) for _ in range(200)])
     assert set(np.unique(picks)) == {1, 2}
     assert (random_feasible_configs(t, np.full(3, 1.0), rng) == 2).all()
-    r = indicator_reward(t.score, t.latency, np.full((3, 1), 25.0))
+    r = t.score - Penalty()(t.latency, np.full((3, 1), 25.0))
     assert r[0].tolist() == [0.0, 0.5, 0.0]
+    slow_but_right = _table([[1, 0.6, 0]] * 3, [[30, 20, 10]] * 3)
+    assert best_static_config(slow_but_right, np.full(3, 25.0)) == 1  # the indicator penalty forbids overshoot
+    assert best_static_config(slow_but_right, np.full(3, 25.0), Penalty("relative", 0.1)) == 0  # a mild one allows
 
 
 def test_pareto_front():

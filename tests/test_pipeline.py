@@ -60,8 +60,7 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
 def test_oracle_demonstrations_reach_the_oracle_reward(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
     from agents.pipeline import Assets
-    from envs.budgets import parse_distribution
-    from envs.knob_env import Penalty
+    from envs.budgets import Penalty, parse_distribution
 
     a = Assets(str(assets))
     env = a.env("two_stage", a.train, parse_distribution("uniform"), Penalty(), controller_ms=1.0)
