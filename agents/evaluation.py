@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.knob_env import N_BLOCKS, N_TOP_K, TwoStageKnobEnv
+from envs.knob_env import TwoStageKnobEnv, config_knobs
 from envs.oracle import best_static_from_arrays, max_config, oracle_from_arrays, random_feasible_from_arrays
 
 METRICS = ("accuracy", "violation_rate", "mean_latency_ms", "p95_latency_ms", "mean_reward", "controller_ms")
-
-
-def _split(cfg: int) -> tuple[int, int, int]:
-    tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
-    return tier, rest // N_BLOCKS, rest % N_BLOCKS
 
 
 def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np.ndarray]:
@@ -59,7 +54,7 @@ def config_chooser(pick):
     """Turn `pick(env) -> config index` into per-step actions (two-stage: tier first)."""
 
     def choose(env, obs, masks):
-        tier, k, b = _split(pick(env))
+        tier, k, b = config_knobs(pick(env))
         if isinstance(env, TwoStageKnobEnv) and env._stage == 0:
             return np.array([tier, 0, 0])
         return np.array([env._tier if isinstance(env, TwoStageKnobEnv) else tier, k, b])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.knob_env import N_BLOCKS, N_TOP_K, TwoStageKnobEnv
+from envs.knob_env import TwoStageKnobEnv, config_knobs
 from envs.oracle import oracle_from_arrays
 
 
@@ -34,9 +34,7 @@ def oracle_action(env) -> tuple[int, int, int]:
     table = env.backend.table
     row = env.backend.valid[env._sample]
     latency = table.latency[row : row + 1] + env.added_latency()[None]
-    cfg = int(oracle_from_arrays(table.score[row : row + 1], latency, [env._budget])[0])
-    tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
-    return tier, rest // N_BLOCKS, rest % N_BLOCKS
+    return config_knobs(int(oracle_from_arrays(table.score[row : row + 1], latency, [env._budget])[0]))
 
 
 def collect(env, episodes: int, gamma: float, seed: int = 0) -> Demonstrations:

@@ -24,7 +24,7 @@ from envs.features import N_TEXT, FeatureCache, prompt_embedding, summarise
 from envs.latency import PARTS, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
 from envs.tasks.metrics import vqa_soft_accuracy
-from envs.vlm.evaluate import Config
+from envs.vlm.evaluate import Config, all_configs
 from envs.vlm.presets import TIERS
 
 N_TOP_K, N_BLOCKS = 5, 5
@@ -32,6 +32,12 @@ N_TOP_K, N_BLOCKS = 5, 5
 
 def config_index(tier: int, k: int, b: int) -> int:
     return (tier * N_TOP_K + k) * N_BLOCKS + b
+
+
+def config_knobs(cfg: int) -> tuple[int, int, int]:
+    """The inverse of `config_index`: (tier, top_k, blocks) indices."""
+    tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
+    return tier, rest // N_BLOCKS, rest % N_BLOCKS
 
 
 class ReplayBackend:
@@ -91,8 +97,8 @@ class LiveBackend:
         return tokens[0], mask[0]
 
     def outcome(self, i: int, cfg: int) -> tuple[float, dict[str, float]]:
-        tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
-        k, b = (self.knob_lists["top_k"][rest // N_BLOCKS], self.knob_lists["blocks"][rest % N_BLOCKS])
+        tier, ki, bi = config_knobs(cfg)
+        k, b = self.knob_lists["top_k"][ki], self.knob_lists["blocks"][bi]
         if self._state is None or self._state[:2] != (i, tier):
             self.tokens(i, tier)
         _, _, state, timer = self._state
@@ -136,9 +142,9 @@ class _KnobEnv(gym.Env):
         parts["controller"] = parts.get("controller", 0.0) + added
         latency = parts["total"] + added
         parts["total"] = latency
-        tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
+        tier, ki, bi = config_knobs(cfg)
         kl = self.backend.knob_lists
-        config = Config(TIERS[tier], kl["top_k"][rest // N_BLOCKS], kl["blocks"][rest % N_BLOCKS])
+        config = Config(TIERS[tier], kl["top_k"][ki], kl["blocks"][bi])
         reward = score - self.penalty(latency, self._budget)
         info = {"score": score, "latency_ms": latency, "latency_parts": parts, "budget_ms": self._budget,
                 "violation": latency > self._budget, "config": config, "config_index": cfg,
@@ -250,7 +256,7 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
     from envs.outcomes import dataset_samples
 
     table = OutcomeTable.load(table_path)
-    if table.configs != [Config(*c) for c in _product(model.cfg.knob_lists())]:
+    if table.configs != all_configs(model):
         raise ValueError(f"{table_path} was built for other knob values than model {model.cfg.name}")
     cache_dir = Path(cache_dir or os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))
     path = cache_dir / f"features-{cache_key(model, table.meta)}.npz"
@@ -261,10 +267,6 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
         path.parent.mkdir(parents=True, exist_ok=True)
         features.save(path)
     return ReplayBackend(table, features, latency_model, model.cfg.knob_lists())
-
-
-def _product(knobs: dict):
-    return [(t, k, b) for t in knobs["tier"] for k in knobs["top_k"] for b in knobs["blocks"]]
 
 
 def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, d_model: int, penalty=None,

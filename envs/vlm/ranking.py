@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from envs.tasks.metrics import exact_match
+
 FIRST = 3
 
 
@@ -121,10 +123,6 @@ def block_influence_ranking(model, samples: Sequence[Sample], tier: str = "high"
     )
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
 def leave_one_out_ranking(model, samples: Sequence[Sample], tier: str = "high", batch_size: int = 8) -> BlockRanking:
     n = model.cfg.llm.layers
     k = model.cfg.llm.top_k
@@ -133,7 +131,7 @@ def leave_one_out_ranking(model, samples: Sequence[Sample], tier: str = "high", 
         state = model.prefix(model.prepare(images, questions, tier))  # layers 0-2 once per batch
         for skip in correct:
             gen = model.generate(state, [i for i in range(n) if i != skip], k)
-            correct[skip] += sum(_normalise(a) == _normalise(b) for a, b in zip(gen.answers, answers, strict=True))
+            correct[skip] += sum(exact_match(a, [b]) for a, b in zip(gen.answers, answers, strict=True))
     full = correct.pop(None)
     scores = {i: (full - c) / len(samples) for i, c in correct.items()}
     return BlockRanking.from_scores("leave_one_out", scores, _describe(samples, tier))
