@@ -91,3 +91,16 @@ def test_eval_from_an_outcome_table_equals_running_the_model(tiny, tmp_path):
     assert run == from_table
     assert eval_main(["--model", model_dir, "--seed", "8", "--n", "4", "--out", str(tmp_path / "x.json"),
                       "--outcomes", str(table)]) == 2  # fmt: skip
+
+
+def test_vision_warm_up_trains_vision_and_probe_only(tmp_path):
+    common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
+    init = build_model("tiny", seed=0).state_dict()
+    train(TrainArgs(steps=1, vision_steps=1, **common))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert set(state["probe"]) >= {"cls.weight", "colour.weight"}
+    assert torch.equal(state["model"]["lm_head.weight"], init["lm_head.weight"])  # the LLM did not run
+    assert torch.equal(state["model"]["llm.layers.5.mlp.gate.weight"], init["llm.layers.5.mlp.gate.weight"])
+    assert not torch.equal(state["model"]["vit.embeddings.patch_embedding.weight"],
+                           init["vit.embeddings.patch_embedding.weight"])  # fmt: skip
+    assert not torch.equal(state["model"]["connector.projector.w2.weight"], init["connector.projector.w2.weight"])

@@ -23,6 +23,7 @@ class Sample:
     question: str
     answers: list[str]  # annotator answers (ten in VQAv2)
     family: str = ""
+    objects: tuple = ()  # SynthVQA's SceneObjects (for dense auxiliary training); empty for real data
 
     @property
     def answer(self) -> str:

@@ -16,6 +16,7 @@ same difficulty and nothing has to be stored. Images are 160 x 160: the global v
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -32,6 +33,16 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 FAMILIES = ("colour", "presence", "glyph", "count", "sum")
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3, "rl_train": 4}
+
+
+class SceneObject(NamedTuple):
+    """What was drawn where: the annotation dense auxiliary training reads."""
+
+    label: str  # "shape:circle", "letter:q", "digit:7"
+    colour: str
+    cy: float  # centre, source-image pixels
+    cx: float
+    size: float  # extent in pixels (diameter of a shape, larger side of a glyph)
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
@@ -67,6 +78,7 @@ class _Scene:
         self.image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
         self.draw = ImageDraw.Draw(self.image)
         self.boxes: list[tuple[float, float, float]] = []
+        self.objects: list[SceneObject] = []
 
     def place(self, r: float, margin: float = 2, region=(0, SIZE, 0, SIZE)) -> tuple[float, float]:
         y0, y1, x0, x1 = region
@@ -81,6 +93,7 @@ class _Scene:
     def shape(self, shape: str, colour: str, r: float, region=(0, SIZE, 0, SIZE)) -> None:
         cx, cy = self.place(r, region=region)
         draw_shape(self.draw, shape, cx, cy, r, COLOURS[colour])
+        self.objects.append(SceneObject(f"shape:{shape}", colour, cy, cx, 2 * r))
 
     def text(self, text: str, size: int, colour: str, region=(0, SIZE, 0, SIZE)) -> None:
         font = _font(size)
@@ -88,6 +101,8 @@ class _Scene:
         r = max(right - left, bottom - top) / 2 + 1
         cx, cy = self.place(r, region=region)
         self.draw.text((cx - (left + right) / 2, cy - (top + bottom) / 2), text, font=font, fill=COLOURS[colour])
+        kind = "digit" if text.isdigit() else "letter"
+        self.objects.append(SceneObject(f"{kind}:{text}", colour, cy, cx, max(right - left, bottom - top)))
 
 
 def _pick(rng, seq, exclude=()):
@@ -171,7 +186,7 @@ def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
     rng = np.random.default_rng([seed, index, FAMILIES.index(fam)])
     scene = _Scene(rng)
     question, answer = GENERATORS[fam](scene)
-    return Sample(f"synthvqa-{seed}-{index}", scene.image, question, [answer] * 10, fam)
+    return Sample(f"synthvqa-{seed}-{index}", scene.image, question, [answer] * 10, fam, tuple(scene.objects))
 
 
 class SynthVQA:

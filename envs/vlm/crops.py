@@ -23,6 +23,7 @@ class Crops:
     pixels: np.ndarray  # [n, 3, S, S] float32, normalised; index 0 is the global view
     patch_mask: np.ndarray  # [n, P, P] float32: fraction of each patch that is image, not padding
     tiling: tuple[int, int]  # (rows, cols) of tiled crops; (0, 0) for the global view only
+    regions: np.ndarray  # [n, 4] float64: (top, left, bottom, right) each view covers, in source-image pixels
 
     @property
     def n_crops(self) -> int:
@@ -61,8 +62,12 @@ def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple
     return tilings[int(np.argmin(scale))]
 
 
-def resize_and_pad(img: Image.Image, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit `img` into height x width keeping its aspect ratio, centred; return pixels and a 0/1 mask."""
+def resize_and_pad(img: Image.Image, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit `img` into height x width keeping its aspect ratio, centred.
+
+    Returns pixels, a 0/1 image mask, and the (scale_y, scale_x, top, left) placing source pixel
+    (y, x) at (top + y * scale_y, left + x * scale_x) of the output.
+    """
     scale = min(height / img.height, width / img.width)
     h, w = max(1, round(img.height * scale)), max(1, round(img.width * scale))
     resized = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
@@ -71,7 +76,13 @@ def resize_and_pad(img: Image.Image, height: int, width: int) -> tuple[np.ndarra
     mask = np.zeros((height, width), dtype=np.float32)
     out[top : top + h, left : left + w] = resized
     mask[top : top + h, left : left + w] = 1.0
-    return out, mask
+    return out, mask, np.array([h / img.height, w / img.width, top, left])
+
+
+def _region(placement: np.ndarray, y: float, x: float, size: int) -> list[float]:
+    """The source-image box that output pixels [y, y+size) x [x, x+size) show."""
+    sy, sx, top, left = placement
+    return [(y - top) / sy, (x - left) / sx, (y + size - top) / sy, (x + size - left) / sx]
 
 
 def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
@@ -79,20 +90,22 @@ def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
     if img.width < 1 or img.height < 1:
         raise InputError("the image is empty")
     size, patch = cfg.crop_size, cfg.patch_size
-    views = [resize_and_pad(img, size, size)]
+    pixels, mask, placement = resize_and_pad(img, size, size)
+    views, regions = [(pixels, mask)], [_region(placement, 0, 0, size)]
     tiling = (0, 0)
     if max_crops > 0:
         margin = cfg.overlap_margin * patch
         window = size - 2 * margin
         tiling = select_tiling(img.height - 2 * margin, img.width - 2 * margin, window, max_crops)
-        big, big_mask = resize_and_pad(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
+        big, big_mask, placement = resize_and_pad(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
         for i in range(tiling[0]):
             for j in range(tiling[1]):
                 y, x = i * window, j * window
                 views.append((big[y : y + size, x : x + size], big_mask[y : y + size, x : x + size]))
+                regions.append(_region(placement, y, x, size))
     pixels = np.stack([v[0] for v in views])  # [n, S, S, 3]
     pixels = (pixels - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
     masks = np.stack([v[1] for v in views])
     p = cfg.patches_per_side
     patch_mask = masks.reshape(len(views), p, patch, p, patch).mean(axis=(2, 4))
-    return Crops(pixels.transpose(0, 3, 1, 2).copy(), patch_mask.astype(np.float32), tiling)
+    return Crops(pixels.transpose(0, 3, 1, 2).copy(), patch_mask.astype(np.float32), tiling, np.array(regions))

@@ -68,6 +68,7 @@ class Prepared:
     vision_tokens: list[int]
     prompt_tokens: list[int]
     targets: torch.Tensor | None = None  # [B, T] token ids to predict at each position, -100 elsewhere
+    image_tokens: torch.Tensor | None = None  # [total crops, tokens per crop, d] connector output
 
 
 @dataclass
@@ -143,6 +144,17 @@ class KnobVLM(nn.Module):
         self.ranking = ranking or BlockRanking.index_order(lm.layers)
         n_vit_states = v.layers + 1
         self._feature_states = [i % n_vit_states for i in v.feature_layers]
+        self.fast = None  # a FastPath once use_fast_path() is called; inference then runs over static shapes
+
+    def use_fast_path(self, bucket: int = 64, graphs: bool = False, compile_layers: bool = False):
+        """Serve `encode_vision`, `prefix` and `finish` from a static-shape path (envs/vlm/fast.py).
+
+        Training (grad enabled) always takes the plain path. `use_fast_path(None)` switches back.
+        """
+        from envs.vlm.fast import FastPath
+
+        self.fast = None if bucket is None else FastPath(self, bucket, graphs, compile_layers)
+        return self.fast
 
     # ---------------------------------------------------------------- knobs
     def check_knobs(self, tier: str | None = None, top_k: int | None = None, blocks: int | None = None):
@@ -210,6 +222,11 @@ class KnobVLM(nn.Module):
 
         Only the layers up to the deepest one read are run.
         """
+        if self.fast is not None and not torch.is_grad_enabled():
+            return self.fast.encode_vision(pixels)
+        return self._encode_vision_plain(pixels)
+
+    def _encode_vision_plain(self, pixels: torch.Tensor) -> torch.Tensor:
         h = self.vit.pre_layrnorm(self.vit.embeddings(pixels.to(self.device, self.dtype)))
         states = [h]
         for layer in self.vit.encoder.layers[: max(self._feature_states)]:
@@ -250,6 +267,7 @@ class KnobVLM(nn.Module):
             vision_tokens=[len(p) for p in pre.patch_positions],
             prompt_tokens=[len(s) for s in pre.token_ids],
             targets=targets,
+            image_tokens=tokens,
         )
 
     def prepare(
@@ -287,6 +305,8 @@ class KnobVLM(nn.Module):
         return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
     def prefix(self, prepared: Prepared) -> PrefixState:
+        if self.fast is not None:
+            return self.fast.prefix(prepared)
         valid = prepared.valid
         positions = self._positions(valid)
         counts = [0] * self.cfg.llm.layers
@@ -336,6 +356,8 @@ class KnobVLM(nn.Module):
         if list(layers[:FIRST_KNOBBED_LAYER]) != list(range(FIRST_KNOBBED_LAYER)):
             raise KnobError(f"layers 0-{FIRST_KNOBBED_LAYER - 1} always run; got {layers}")
         max_new = max_new_tokens or self.cfg.max_new_tokens
+        if self.fast is not None and not isinstance(state, PrefixState):
+            return self.fast.generate(state, list(layers), top_k, max_new, timer, ignore_eos)
         knobbed = layers[FIRST_KNOBBED_LAYER:]
         eos = self.tokenizer.ids["eos"]
         b = state.hidden.shape[0]

@@ -6,6 +6,9 @@ whatever ranking picks the layers later. With probability `p_full` the batch use
 instead, which anchors the best config's accuracy (the "sandwich" idea of slimmable networks).
 The first `full_steps` train the full config only (progressive shrinking, as in Once-for-All):
 with random small configs from the start, the model took far longer to start using the image.
+A dense auxiliary loss (`envs/tasks/dense_labels.py`) tells every vision token what it shows;
+the first `vision_steps` train the vision encoder and connector on it alone, which is cheap
+(no LLM) and gives the LLM legible features to learn from.
 Read top to bottom: args, setup/resume, loop, ranking, save.
 """
 
@@ -21,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, make_sample
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
@@ -44,6 +49,8 @@ class TrainArgs:
     grad_clip: float = 1.0
     p_full: float = 0.3
     full_steps: int = 500  # progressive shrinking: the first steps train the full config only
+    aux_weight: float = 1.0  # weight of the dense vision-token loss (0 turns it off)
+    vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
@@ -69,6 +76,26 @@ def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs, step: int = 0) 
     return tier, top_k, list(range(FIRST_KNOBBED_LAYER)) + kept
 
 
+class VisionProbe(nn.Module):
+    """Training-only heads reading each connector token: object class and colour (not shipped)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)  # the LLM sees tokens after a norm too
+        self.cls = nn.Linear(d_model, len(CLASSES))
+        self.colour = nn.Linear(d_model, len(COLOUR_CLASSES))
+
+    def loss(self, image_tokens: torch.Tensor, crops: list, samples: list) -> torch.Tensor:
+        """Mean cross-entropy over legible tokens of both heads; tokens in the connector's order."""
+        side = math.isqrt(image_tokens.shape[1])
+        targets = [token_targets(s.objects, c, side) for s, c in zip(samples, crops, strict=True)]
+        cls = torch.from_numpy(np.concatenate([t[0] for t in targets])).to(image_tokens.device)
+        col = torch.from_numpy(np.concatenate([t[1] for t in targets])).to(image_tokens.device)
+        h = self.norm(image_tokens.reshape(-1, image_tokens.shape[-1]).float())
+        ce = nn.functional.cross_entropy
+        return ce(self.cls(h), cls, ignore_index=IGNORE) + ce(self.colour(h), col, ignore_index=IGNORE)
+
+
 def lr_at(step: int, args: TrainArgs) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -85,10 +112,10 @@ def validation_configs(model) -> list[Config]:
     ]
 
 
-def save_checkpoint(path: Path, model, opt, step: int) -> None:
+def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
     """Atomic: a kill at any moment leaves the previous checkpoint intact."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
     os.replace(tmp, path)
 
 
@@ -102,10 +129,12 @@ def train(args: TrainArgs) -> Path:
             raise ValueError(f"{args.init} is a {init.cfg.name} model with other shapes than preset {args.preset}")
         model.load_state_dict(init.state_dict())
     model = model.to(args.device).train()
+    probe = VisionProbe(model.cfg.llm.d_model).to(args.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+         {"params": list(probe.parameters()), "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )  # fmt: skip
     ckpt = args.out / "checkpoint.pt"
@@ -113,6 +142,7 @@ def train(args: TrainArgs) -> Path:
     if ckpt.exists():
         state = torch.load(ckpt, map_location=args.device, weights_only=True)
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
         print(f"resumed from {ckpt} at step {start}")
@@ -127,22 +157,27 @@ def train(args: TrainArgs) -> Path:
         batch = [make_sample(train_seed, step * args.batch_size + i) for i in range(args.batch_size)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        prepared = model.prepare(
-            [s.image for s in batch], [s.question for s in batch], tier, answers=[s.answer for s in batch], grad=True
-        )
-        loss = model.answer_loss(prepared, layers, top_k)
+        pre = model.preprocess([s.image for s in batch], [s.question for s in batch], tier, [s.answer for s in batch])
+        prepared = model.connect(pre, model.encode_vision(pre.pixels()))
+        aux = probe.loss(prepared.image_tokens, pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
+        if step < args.vision_steps:
+            loss = answer = aux  # the LLM is not run: vision warm-up
+        else:
+            answer = model.answer_loss(prepared, layers, top_k)
+            loss = answer + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", tier=tier, k=top_k, d=len(layers))
-        writer.add_scalar("train/loss", loss.item(), step)
+        bar.set_postfix(answer=f"{answer.item():.3f}", aux=f"{aux.item():.3f}", tier=tier, k=top_k, d=len(layers))
+        writer.add_scalar("train/loss", answer.item(), step)
+        writer.add_scalar("train/aux_loss", aux.item(), step)
         writer.add_scalar("train/grad_norm", float(gnorm), step)
         writer.add_scalar("train/lr", lr_at(step, args), step)
         writer.add_scalar("train/depth", len(layers), step)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            save_checkpoint(ckpt, model, opt, step + 1)
-        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt, model, probe, opt, step + 1)
+        if step >= args.vision_steps and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
             model.eval()
             configs = validation_configs(model)
             _, em, _ = sweep(model, val, configs, progress=False)

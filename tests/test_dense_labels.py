@@ -1,0 +1,116 @@
+"""Crop regions in source pixels, and the per-token targets of the dense auxiliary loss."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
+from envs.tasks.synthvqa import SceneObject, make_sample
+from envs.vlm.crops import make_crops
+from envs.vlm.presets import get_preset
+from envs.vlm.train import VisionProbe
+
+VISION = get_preset("tiny").vision
+MAX_CROPS = get_preset("tiny").knobs.max_crops
+
+
+@pytest.mark.parametrize("h,w", [(160, 160), (60, 200), (130, 90)])
+@pytest.mark.parametrize("tier", ["low", "medium", "high"])
+def test_regions_map_source_pixels_to_where_each_view_shows_them(h, w, tier):
+    """A white dot drawn at a source point appears where each view's region says it should."""
+    y, x = 0.37 * h, 0.71 * w
+    img = Image.new("RGB", (w, h), (0, 0, 0))
+    ImageDraw.Draw(img).ellipse((x - 3, y - 3, x + 3, y + 3), fill=(255, 255, 255))
+    crops = make_crops(img, MAX_CROPS[tier], VISION)
+    assert crops.regions.shape == (crops.n_crops, 4)
+    seen = 0
+    for pixels, (top, left, bottom, right) in zip(crops.pixels, crops.regions, strict=True):
+        size = pixels.shape[-1]
+        cy, cx = (y - top) / (bottom - top) * size, (x - left) / (right - left) * size
+        if 2 <= cy < size - 2 and 2 <= cx < size - 2:
+            seen += 1
+            brightness = pixels.mean(axis=0)
+            assert brightness[int(cy), int(cx)] > brightness.mean() + 1.0  # the dot is there
+    assert seen >= 1 + (tier != "low")  # the global view and at least one tiled crop
+
+
+def test_high_tier_crops_of_a_160px_scene_tile_it_at_native_scale():
+    crops = make_crops(make_sample(0, 0).image, MAX_CROPS["high"], VISION)
+    np.testing.assert_allclose(crops.regions[0], [0, 0, 160, 160])
+    np.testing.assert_allclose(crops.regions[1:4, 1], [0, 48, 96])  # 64 px crops every 48 px
+    np.testing.assert_allclose(crops.regions[1:, 2] - crops.regions[1:, 0], 64)
+
+
+def test_every_drawn_object_is_annotated():
+    for i in range(20):
+        s = make_sample(5, i)
+        labels = Counter(o.label.split(":")[0] for o in s.objects)
+        if s.family == "glyph":
+            assert labels["letter"] == 4
+        if s.family == "sum":
+            assert labels["digit"] == 2 and sum(int(o.label[-1]) for o in s.objects if "digit" in o.label) == int(
+                s.answer
+            )
+        if s.family == "count":
+            shape = s.question.split()[2][:-1]
+            assert sum(o.label == f"shape:{shape}" for o in s.objects) == int(s.answer)
+        assert all(o.label in CLASSES and o.colour in COLOUR_CLASSES for o in s.objects)
+
+
+def _targets(sample, tier):
+    crops = make_crops(sample.image, MAX_CROPS[tier], VISION)
+    cls, col = token_targets(sample.objects, crops, VISION.tokens_per_side)
+    assert cls.shape == col.shape == (crops.n_crops * VISION.tokens_per_side**2,)
+    return [CLASSES[c] if c != IGNORE else "ignore" for c in cls], col
+
+
+def test_small_letters_are_asked_about_only_at_the_high_tier():
+    glyph = next(s for i in range(10) if (s := make_sample(0, i)).family == "glyph")
+    letters = {o.label for o in glyph.objects if o.label.startswith("letter")}
+    high, _ = _targets(glyph, "high")
+    assert letters <= set(high)  # each letter is some token's target at native size
+    for tier in ("low", "medium"):
+        labels, _ = _targets(glyph, tier)
+        assert not letters & set(labels) and "ignore" in labels  # illegible: ignored, never "none"
+
+
+def test_large_digits_are_legible_from_the_global_view_and_colours_follow_classes():
+    digits = next(s for i in range(10) if (s := make_sample(0, i)).family == "sum")
+    labels, col = _targets(digits, "low")
+    for o in digits.objects:
+        if o.label.startswith("digit"):
+            hits = [i for i, lab in enumerate(labels) if lab == o.label]
+            assert hits and all(COLOUR_CLASSES[col[i]] in {x.colour for x in digits.objects if x.label == o.label}
+                                for i in hits)  # fmt: skip
+    assert all(c == 0 for lab, c in zip(labels, col, strict=True) if lab == "none")
+
+
+def test_an_empty_image_is_none_everywhere_and_a_tiny_object_is_ignored():
+    crops = make_crops(Image.new("RGB", (160, 160), "white"), MAX_CROPS["medium"], VISION)
+    cls, col = token_targets((), crops, 4)
+    assert (cls == 0).all() and (col == 0).all()
+    dot = (SceneObject("shape:circle", "red", 10.0, 10.0, 4.0),)  # 4 px: below 6 px even at 1x
+    cls, _ = token_targets(dot, crops, 4)
+    assert (cls == IGNORE).sum() == 2 and cls[0] == IGNORE and cls[16] == IGNORE  # global + first tile
+
+
+def test_probe_loss_learns_token_targets():
+    """The probe's loss falls when token features carry the targets (and stays finite)."""
+    torch.manual_seed(0)
+    samples = [make_sample(0, i) for i in range(10)]
+    crops = [make_crops(s.image, MAX_CROPS["high"], VISION) for s in samples]
+    targets = [token_targets(s.objects, c, 4)[0] for s, c in zip(samples, crops, strict=True)]
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(np.concatenate(targets)).clamp(min=0), 96).float()
+    tokens = (onehot + 0.1 * torch.randn_like(onehot)).view(-1, 16, 96)
+    probe = VisionProbe(96)
+    opt = torch.optim.Adam(probe.parameters(), 1e-2)
+    first = probe.loss(tokens, crops, samples).item()
+    for _ in range(100):
+        loss = probe.loss(tokens, crops, samples)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.0 and loss.item() < 0.5 * first
