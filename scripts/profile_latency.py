@@ -1,11 +1,16 @@
 """Profile every stage of the latency definition for every config, fit a latency model, check it live.
 
     python scripts/profile_latency.py --model tiny --device cpu --out envs/vlm/weights/tiny/latency_cpu.json
-    python scripts/profile_latency.py --preset molmoe-1b --device cuda --dtype bfloat16 --out profiles/h100.json
+    python scripts/profile_latency.py --preset molmoe-1b --device cuda --dtype bfloat16 --fast --out profiles/h100.json
 
 Latency depends on shapes, not weights, so `--preset` profiles a randomly initialised model. The
 file records device, library versions and date, the raw medians and p90s, the fitted latency model
 and its error (MAPE) against live end-to-end requests on held-out SynthVQA samples.
+
+`--fast` profiles the plain path and then the static-shape fast path (envs/vlm/fast.py; CUDA graphs
+on a GPU, `--compile` adds torch.compile of each layer) in one run. The file's top level is then the
+fast path's profile, which the environments use; the plain one sits under "plain", and "speedup"
+compares the two per stage.
 """
 
 from __future__ import annotations
@@ -50,6 +55,31 @@ def live_error(model, latency_model: LatencyModel, n: int, seed: int = 0) -> dic
     return {f"mape_{p}": float(np.mean(v)) for p, v in errors.items() if v} | {"n": n}
 
 
+def profile_path(model, args) -> dict:
+    """The profile of whichever path the model serves from now, with its reference request and live check."""
+    profile = profile_latency(model, args.repeats, args.warmup, args.new_tokens)
+    latency_model = LatencyModel.from_dict(profile["model"])
+    k, b = max(model.cfg.knobs.top_k), max(model.cfg.knobs.blocks)
+    high = [r for r in profile["stages"] if r["tier"] == "high" and r["image"] == 0][0]
+    profile["reference_full_ms"] = latency_model.predict(high["crops"], high["prompt_tokens"], k, b, 1)["total"]
+    if args.mape_n:
+        profile["live_check"] = live_error(model, latency_model, args.mape_n)
+    return profile
+
+
+def speedups(plain: dict, fast: dict) -> dict[str, float]:
+    """Median over the profile's rows of plain / fast time, per stage and per knob-dependent part."""
+    out = {}
+    for part in ("vision", "connector", "prefix"):
+        out[part] = float(np.median([p[part]["median_ms"] / max(f[part]["median_ms"], 1e-9)
+                                     for p, f in zip(plain["stages"], fast["stages"], strict=True)]))  # fmt: skip
+    for part in ("prefill_rest", "decode_per_token"):
+        out[part] = float(np.median([p[part]["median_ms"] / max(f[part]["median_ms"], 1e-9)
+                                     for p, f in zip(plain["configs"], fast["configs"], strict=True)]))  # fmt: skip
+    out["reference_full"] = plain["reference_full_ms"] / fast["reference_full_ms"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -61,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=3)
     ap.add_argument("--mape-n", type=int, default=60, help="held-out live requests to check the model (0 = skip)")
+    ap.add_argument("--fast", action="store_true", help="profile the plain and the fast path in one run")
+    ap.add_argument("--compile", action="store_true", help="with --fast: torch.compile each decoder layer")
+    ap.add_argument("--bucket", type=int, default=64, help="with --fast: prompt lengths round up to this")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.compile and not args.fast:
+        ap.error("--compile applies to the fast path: add --fast")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but torch sees no CUDA device")
     dtype = getattr(torch, args.dtype)
@@ -77,19 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
-    profile = profile_latency(model, args.repeats, args.warmup, args.new_tokens)
-    latency_model = LatencyModel.from_dict(profile["model"])
-    k, b = max(model.cfg.knobs.top_k), max(model.cfg.knobs.blocks)
-    high = [r for r in profile["stages"] if r["tier"] == "high" and r["image"] == 0][0]
-    profile["reference_full_ms"] = latency_model.predict(high["crops"], high["prompt_tokens"], k, b, 1)["total"]
-    if args.mape_n:
-        profile["live_check"] = live_error(model, latency_model, args.mape_n)
+    profile = profile_path(model, args)
+    if args.fast:
+        plain = profile
+        model.use_fast_path(args.bucket, graphs=args.device.startswith("cuda"), compile_layers=args.compile)
+        profile = profile_path(model, args)
+        profile["plain"] = plain
+        profile["speedup"] = speedups(plain, profile)
+        print("plain / fast, medians:", json.dumps(profile["speedup"]))
     profile["meta"] = {
         "model": args.preset or args.model or "tiny", "preset": model.cfg.name, "device": args.device,
         "device_name": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
         "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
         "repeats": args.repeats, "warmup": args.warmup, "new_tokens": args.new_tokens,
-        "minutes": (time.time() - t0) / 60,
+        "path": "fast" if args.fast else "plain", "graphs": bool(args.fast and args.device.startswith("cuda")),
+        "compile": args.compile, "bucket": args.bucket if args.fast else None, "minutes": (time.time() - t0) / 60,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(profile, indent=1))

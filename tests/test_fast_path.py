@@ -1,0 +1,124 @@
+"""The static-shape fast path (envs/vlm/fast.py) gives the plain path's answers, logits and counts."""
+
+import json
+
+import pytest
+import torch
+from conftest import QUESTIONS
+
+from envs.latency import LatencyModel
+from envs.tasks.synthvqa import make_sample
+from envs.vlm.checkpoint import build_model, load_model
+from envs.vlm.fast import FastPrefixState
+from scripts.profile_latency import main as profile_main
+
+
+@pytest.fixture
+def model():
+    m = build_model("tiny", seed=0)
+    yield m
+    m.use_fast_path(None)
+
+
+def both_paths(model, images, questions, tier, configs, max_new_tokens=None, ignore_eos=True, **fast):
+    """Run the same requests on the plain path, then on the fast path; return both generations."""
+    model.use_fast_path(None)
+    state = model.prefix(model.prepare(images, questions, tier))
+    plain = [model.finish(state, k, b, max_new_tokens, ignore_eos) for k, b in configs]
+    model.use_fast_path(**fast)
+    state = model.prefix(model.prepare(images, questions, tier))
+    assert isinstance(state, FastPrefixState)
+    fast_gens = [model.finish(state, k, b, max_new_tokens, ignore_eos) for k, b in configs]
+    return plain, fast_gens
+
+
+def assert_same(plain, fast, atol=1e-5):
+    for p, f in zip(plain, fast, strict=True):
+        assert p.answers == f.answers and p.token_ids == f.token_ids
+        assert p.expert_calls == f.expert_calls and p.expert_calls_by_layer == f.expert_calls_by_layer
+        assert p.decode_steps == f.decode_steps and p.layers_run == f.layers_run
+        assert len(p.step_logits) == len(f.step_logits)
+        for a, b in zip(p.step_logits, f.step_logits, strict=True):
+            torch.testing.assert_close(b, a, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("tier", ["low", "medium", "high"])
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_fast_path_equals_plain_path(model, images, tier, ignore_eos):
+    """Batch of three prompts of different lengths (left padding), two configs from one prefix."""
+    plain, fast = both_paths(model, images, QUESTIONS, tier, [(8, 13), (1, 5), (4, 9)], ignore_eos=ignore_eos)
+    assert_same(plain, fast)
+
+
+def test_one_phase_per_config_and_bucket_whatever_the_prompt(model, images):
+    """Prompts of other lengths in the same bucket replay the same phases (nothing new to capture)."""
+    fast = model.use_fast_path(bucket=512)
+    for image, question in zip(images, QUESTIONS, strict=True):
+        model.finish(model.prefix(model.prepare([image], [question], "medium")), 4, 7, 3, True)
+    assert len(fast.buckets) == 1 and sorted(k[0] for k in fast.phases) == ["decode", "prefix", "rest"]
+    model.finish(model.prefix(model.prepare([images[0]], [QUESTIONS[0]], "medium")), 2, 7, 3, True)
+    assert len(fast.phases) == 5  # a new top-k adds its rest and decode phases
+
+
+def test_a_later_prefix_invalidates_an_unfinished_state(model, images):
+    model.use_fast_path(bucket=512)
+    first = model.prefix(model.prepare([images[0]], [QUESTIONS[0]], "low"))
+    model.prefix(model.prepare([images[1]], [QUESTIONS[1]], "low"))
+    with pytest.raises(RuntimeError, match="overwritten by a later prefix"):
+        model.finish(first, 8, 13)
+
+
+def test_bucket_lengths_and_bad_settings(model):
+    fast = model.use_fast_path(bucket=64)
+    assert [fast.bucket_len(t) for t in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    limit = model.cfg.llm.max_positions - model.cfg.max_new_tokens
+    assert fast.bucket_len(limit - 3) == limit  # never past the positions the model has
+    with pytest.raises(ValueError, match="CUDA"):
+        model.use_fast_path(graphs=True)
+    with pytest.raises(ValueError, match="bucket"):
+        model.use_fast_path(bucket=0)
+
+
+def test_training_still_takes_the_plain_path(model, images):
+    model.use_fast_path()
+    prepared = model.prepare(images[:1], QUESTIONS[:1], "low", answers=["red"], grad=True)
+    loss = model.answer_loss(prepared, list(range(16)), 8)
+    loss.backward()
+    assert model.vit.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_bfloat16_tolerance():
+    """bf16 on CPU: first-token logits within 2% of their largest magnitude; the shipped model's
+    greedy answers unchanged. Differences come from the padded shapes' reduction order."""
+    for model, check_answers in ((build_model("tiny", seed=0), False), (load_model("tiny"), True)):
+        model = model.to(torch.bfloat16)
+        samples = [make_sample(2, i) for i in range(5)]
+        plain, fast = both_paths(model, [s.image for s in samples], [s.question for s in samples], "medium",
+                                 [(8, 13), (2, 7)], max_new_tokens=3)  # fmt: skip
+        for p, f in zip(plain, fast, strict=True):
+            scale = p.step_logits[0].float().abs().max()
+            assert (p.step_logits[0].float() - f.step_logits[0].float()).abs().max() <= 0.02 * scale
+            if check_answers:  # a random model's near-tied logits may flip in bf16; a trained one's do not
+                assert p.answers == f.answers
+        model.use_fast_path(None)
+
+
+def test_compiled_layers_equal_the_plain_path(model, images):
+    """torch.compile (inductor) runs on CPU too; one config keeps the compile time short."""
+    plain, fast = both_paths(model, images[:2], QUESTIONS[:2], "low", [(4, 7)], max_new_tokens=3, compile_layers=True)
+    assert_same(plain, fast, atol=1e-4)
+
+
+def test_profile_script_profiles_both_paths_in_one_run(tmp_path):
+    out = tmp_path / "profile.json"
+    args = ["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--mape-n", "0"]
+    assert profile_main([*args, "--fast", "--bucket", "32", "--out", str(out)]) == 0
+    prof = json.loads(out.read_text())
+    assert prof["meta"]["path"] == "fast" and prof["meta"]["bucket"] == 32 and not prof["meta"]["graphs"]
+    assert len(prof["configs"]) == len(prof["plain"]["configs"]) == 75
+    LatencyModel.from_dict(prof["model"])  # the environments read the fast path's model
+    assert set(prof["speedup"]) == {"vision", "connector", "prefix", "prefill_rest", "decode_per_token",
+                                    "reference_full"}  # fmt: skip
+    assert all(v > 0 for v in prof["speedup"].values())
+    with pytest.raises(SystemExit):
+        profile_main([*args, "--compile", "--out", str(out)])
