@@ -1,6 +1,7 @@
 """The static-shape fast path (envs/vlm/fast.py) gives the plain path's answers, logits and counts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from envs.tasks.synthvqa import make_sample
 from envs.vlm.checkpoint import build_model, load_model
 from envs.vlm.fast import FastPrefixState
 from scripts.profile_latency import main as profile_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -122,3 +125,21 @@ def test_profile_script_profiles_both_paths_in_one_run(tmp_path):
     assert all(v > 0 for v in prof["speedup"].values())
     with pytest.raises(SystemExit):
         profile_main([*args, "--compile", "--out", str(out)])
+
+
+def test_device_benchmark_dry_run_on_cpu(tmp_path):
+    """benchmarks/fast_path.py is the GPU check; on CPU with the tiny preset it must run end to end."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fast_path_bench", ROOT / "benchmarks" / "fast_path.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--repeats", "1",
+                       "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["equality"]["max_rel_first_logits"] < 1e-5 and report["equality"]["answer_agreement"] == 1.0
+    for path in ("plain", "fast"):
+        assert set(report["figures"][path]) == set(bench.TARGETS)
+        assert report[path]["full_high"]["crops"] > report[path]["full_medium"]["crops"] > 1
+    assert report["floors"]["decode_floor_ms"] > 0 and report["floors"]["prefill_floor_ms"] > 0

@@ -79,11 +79,14 @@ def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs, step: int = 0) 
 class VisionProbe(nn.Module):
     """Training-only heads reading each connector token: object class and colour (not shipped)."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, none_weight: float = 0.2):
         super().__init__()
         self.norm = nn.LayerNorm(d_model, elementwise_affine=False)  # the LLM sees tokens after a norm too
         self.cls = nn.Linear(d_model, len(CLASSES))
         self.colour = nn.Linear(d_model, len(COLOUR_CLASSES))
+        # most tokens show nothing: down-weight "none" so objects dominate the gradient
+        self.register_buffer("cls_weight", torch.tensor([none_weight] + [1.0] * (len(CLASSES) - 1)))
+        self.register_buffer("colour_weight", torch.tensor([none_weight] + [1.0] * (len(COLOUR_CLASSES) - 1)))
 
     def loss(self, image_tokens: torch.Tensor, crops: list, samples: list) -> torch.Tensor:
         """Mean cross-entropy over legible tokens of both heads; tokens in the connector's order."""
@@ -93,7 +96,9 @@ class VisionProbe(nn.Module):
         col = torch.from_numpy(np.concatenate([t[1] for t in targets])).to(image_tokens.device)
         h = self.norm(image_tokens.reshape(-1, image_tokens.shape[-1]).float())
         ce = nn.functional.cross_entropy
-        return ce(self.cls(h), cls, ignore_index=IGNORE) + ce(self.colour(h), col, ignore_index=IGNORE)
+        return ce(self.cls(h), cls, self.cls_weight, ignore_index=IGNORE) + ce(
+            self.colour(h), col, self.colour_weight, ignore_index=IGNORE
+        )
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
