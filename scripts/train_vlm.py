@@ -23,6 +23,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "tier_weights":
             ap.add_argument(flag, type=float, nargs=3, default=f.default, metavar=("LOW", "MED", "HIGH"))
+        elif hints[f.name] is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif hints[f.name] in (Path, Path | None):
             ap.add_argument(flag, type=Path, default=f.default)
         else:

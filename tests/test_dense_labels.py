@@ -114,3 +114,14 @@ def test_probe_loss_learns_token_targets():
         loss.backward()
         opt.step()
     assert first > 3.0 and loss.item() < 0.5 * first
+
+
+def test_inside_a_large_shape_only_the_colour_is_asked():
+    crops = make_crops(Image.new("RGB", (160, 160), "white"), MAX_CROPS["low"], VISION)
+    big = (SceneObject("shape:square", "green", 80.0, 80.0, 100.0),)  # covers the middle 2x2 tokens and more
+    cls, col = token_targets(big, crops, 4)
+    centre = 2 * 4 + 2  # the token holding (80, 80)
+    assert CLASSES[cls[centre]] == "shape:square" and COLOUR_CLASSES[col[centre]] == "green"
+    covered = [i for i in range(16) if i != centre and col[i] > 0]
+    assert len(covered) >= 3 and all(cls[i] == IGNORE for i in covered)
+    assert all(cls[i] == 0 and col[i] == 0 for i in range(16) if i != centre and i not in covered)

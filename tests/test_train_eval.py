@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.vlm.checkpoint import build_model, load_dir
+from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.train import TrainArgs, lr_at, sample_knobs, train
 from scripts.eval_vlm import main as eval_main
@@ -104,3 +104,15 @@ def test_vision_warm_up_trains_vision_and_probe_only(tmp_path):
     assert not torch.equal(state["model"]["vit.embeddings.patch_embedding.weight"],
                            init["vit.embeddings.patch_embedding.weight"])  # fmt: skip
     assert not torch.equal(state["model"]["connector.projector.w2.weight"], init["connector.projector.w2.weight"])
+
+
+def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
+    src = build_model("tiny", seed=3)
+    save_model(src, tmp_path / "src")
+    common = dict(out=tmp_path / "run", batch_size=2, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
+    train(TrainArgs(steps=1, vision_steps=1, init=tmp_path / "src", reinit_vision=True, **common))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    fresh = build_model("tiny", seed=0).state_dict()
+    assert torch.equal(state["lm_head.weight"], src.state_dict()["lm_head.weight"].float())
+    w = "vit.encoder.layers.1.mlp.fc1.weight"  # one warm-up step from the fresh weights, far from the source's
+    assert (state[w] - fresh[w]).abs().max() < 0.01 < (state[w] - src.state_dict()[w]).abs().max()

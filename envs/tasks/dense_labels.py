@@ -32,9 +32,10 @@ def token_targets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class and colour ids [n_crops * tokens_per_side**2] in the connector's token order.
 
-    A token shows the largest object whose centre lies in it; failing that, the largest object
-    whose extent covers the token's centre; failing that, nothing ("none"). A token whose object
-    (or any object centred in it) is below `min_px` on this crop is IGNORE.
+    A token shows the largest object whose centre lies in it (class and colour); failing that, the
+    colour of the largest object whose extent covers the token's centre (class IGNORE: the token
+    sees a patch of colour); failing that, nothing ("none"). A token whose object (or any object
+    centred in it) is below `min_px` on this crop is IGNORE for both.
     """
     n = crops.n_crops
     cls = np.zeros((n, tokens_per_side, tokens_per_side), dtype=np.int64)
@@ -57,7 +58,8 @@ def token_targets(
                     continue
                 if chosen.size * scale < min_px:
                     cls[v, i, j] = col[v, i, j] = IGNORE
-                else:
-                    cls[v, i, j] = CLASSES.index(chosen.label)
-                    col[v, i, j] = COLOUR_CLASSES.index(chosen.colour)
+                    continue
+                col[v, i, j] = COLOUR_CLASSES.index(chosen.colour)
+                # a token inside a large object sees a patch of colour: its class is asked where the centre is
+                cls[v, i, j] = CLASSES.index(chosen.label) if centred else IGNORE
     return cls.reshape(-1), col.reshape(-1)

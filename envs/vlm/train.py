@@ -60,6 +60,7 @@ class TrainArgs:
     ranking_n: int = 256
     ship: Path | None = None  # also write the final model directory here
     init: Path | None = None  # start from this model directory's weights (e.g. to continue training)
+    reinit_vision: bool = False  # with init: keep its LLM, start ViT and connector afresh
     device: str = "cpu"
     ship_dtype: str = "float16"
 
@@ -132,7 +133,12 @@ def train(args: TrainArgs) -> Path:
         init = load_dir(args.init)
         if init.cfg.to_dict() != model.cfg.to_dict():
             raise ValueError(f"{args.init} is a {init.cfg.name} model with other shapes than preset {args.preset}")
-        model.load_state_dict(init.state_dict())
+        keep = {
+            k: v
+            for k, v in init.state_dict().items()
+            if not (args.reinit_vision and k.startswith(("vit.", "connector.")))
+        }
+        model.load_state_dict(keep, strict=not args.reinit_vision)
     model = model.to(args.device).train()
     probe = VisionProbe(model.cfg.llm.d_model).to(args.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
