@@ -104,7 +104,7 @@ class Assets:
         self.global_ms, self.reuse_low = overhead_ms(enc, train_px), False
 
     def env(self, kind, backend, budgets, penalty, controller_ms=0.0):
-        return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg.llm.d_model, penalty, controller_ms,
+        return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg, penalty, controller_ms,
                         self.global_ms, self.reuse_low)  # fmt: skip
 
 

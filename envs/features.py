@@ -1,10 +1,12 @@
 """What a controller observes about a request, computed the same way live and for replay caches.
 
 - prompt: the mean input embedding of the question's tokens (known before any vision work).
-- tokens (per tier): a fixed-size summary of the LLM input after the connector: 16 vision slots
-  (the patch-token embeddings, image features included, averaged over crops position by position)
-  and up to 16 question-token embeddings, with a mask. The stage-2 controller runs the VLM's own
-  frozen layers 0-2 over these 32 tokens plus a budget token.
+- kv (per tier): the keys and values that layers 0-2 cached for the request's prompt during the
+  prefix, which the two-stage flow runs once before stage 2 anyway, at 32 positions: the global
+  view's 16 patch tokens and the last (up to) 16 question tokens, which have attended to every
+  crop. The stage-2 controller runs a budget token through the VLM's own layers 0-2 against these
+  cached entries, so nothing of the prompt is recomputed; `position` is the budget token's rotary
+  position (the prompt length). A fixed-size subset keeps replay observations small.
 - global_view: the mean of the global crop's projected vision tokens (single-stage controllers).
 """
 
@@ -19,16 +21,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.vlm.presets import TIERS
+from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
+from envs.vlm.staged import KVCache
 
 N_TEXT = 16
+FORMAT = "prefix-kv-v2"  # part of the cache key: caches of another layout are rebuilt, never misread
+
+
+def kv_shape(cfg) -> tuple[int, ...]:
+    """[layers 0-2, key/value, heads, positions, head_dim] of one request's stage-2 observation."""
+    lm = cfg.llm
+    return (FIRST_KNOBBED_LAYER, 2, lm.heads, cfg.vision.tokens_per_side**2 + N_TEXT, lm.d_model // lm.heads)
 
 
 @dataclass
 class RequestFeatures:
     prompt: np.ndarray  # [d]
-    tokens: dict[str, np.ndarray]  # tier -> [n_vision + N_TEXT, d]
-    token_mask: dict[str, np.ndarray]  # tier -> [n_vision + N_TEXT]
+    kv: dict[str, np.ndarray]  # tier -> kv_shape
+    kv_mask: dict[str, np.ndarray]  # tier -> [positions]
+    position: dict[str, int]  # tier -> rotary position of the budget token (= prompt length)
     global_view: np.ndarray  # [d]
 
 
@@ -39,28 +50,48 @@ def prompt_embedding(model, question: str) -> np.ndarray:
         return model.llm.embed_tokens(ids).float().mean(0).cpu().numpy()
 
 
-def summarise(model, prepared, pre) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """From a prepared batch: prompt [B, d], tokens [B, T, d], mask [B, T], global view [B, d]."""
+def summarise(model, prepared, pre) -> tuple[np.ndarray, np.ndarray]:
+    """From a prepared batch: prompt embedding [B, d] and global view [B, d]."""
     emb = prepared.embeds.float()
     b, t, d = emb.shape
     per_crop = model.cfg.vision.tokens_per_side**2
-    prompt = np.zeros((b, d), np.float32)
-    tokens = np.zeros((b, per_crop + N_TEXT, d), np.float32)
-    mask = np.zeros((b, per_crop + N_TEXT), np.float32)
-    glob = np.zeros((b, d), np.float32)
+    prompt, glob = np.zeros((b, d), np.float32), np.zeros((b, d), np.float32)
     for i in range(b):
         offset = t - len(pre.token_ids[i])
-        patches = emb[i, [offset + p for p in pre.patch_positions[i]]].view(-1, per_crop, d).cpu()
         end = t - pre.answer_lengths[i]
-        text = emb[i, end - pre.text_lengths[i] : end].cpu()
-        tokens[i, :per_crop] = patches.mean(0).numpy()
-        keep = text[-N_TEXT:]
-        tokens[i, per_crop + N_TEXT - len(keep) :] = keep.numpy()
-        mask[i, :per_crop] = 1
-        mask[i, per_crop + N_TEXT - len(keep) :] = 1
-        prompt[i] = text.mean(0).numpy()
-        glob[i] = patches[0].mean(0).numpy()
-    return prompt, tokens, mask, glob
+        prompt[i] = emb[i, end - pre.text_lengths[i] : end].mean(0).cpu().numpy()
+        glob[i] = emb[i, [offset + p for p in pre.patch_positions[i][:per_crop]]].mean(0).cpu().numpy()
+    return prompt, glob
+
+
+def _layer_kv(state, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached keys and values [B, H, T, hd] of a prefix state, plain or fast path, over its T positions."""
+    if isinstance(state.cache, KVCache):
+        return state.cache.layers[layer]
+    t, length = state.hidden.shape[1], state.bucket_key[1]
+    return state.cache.keys[layer][:, :, length - t : length], state.cache.values[layer][:, :, length - t : length]
+
+
+def prefix_kv(model, state, pre) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stage-2 observation from a prefix state: kv [B, *kv_shape], mask [B, positions], position [B]."""
+    shape = kv_shape(model.cfg)
+    per_crop = model.cfg.vision.tokens_per_side**2
+    b, t = state.hidden.shape[:2]
+    kv = np.zeros((b, *shape), np.float32)
+    mask = np.zeros((b, shape[3]), np.float32)
+    layers = [_layer_kv(state, i) for i in range(FIRST_KNOBBED_LAYER)]
+    for i in range(b):
+        offset = t - len(pre.token_ids[i])
+        end = t - pre.answer_lengths[i]
+        text = list(range(end - pre.text_lengths[i], end))[-N_TEXT:]
+        slots = list(range(per_crop)) + list(range(shape[3] - len(text), shape[3]))
+        positions = [offset + p for p in pre.patch_positions[i][:per_crop]] + text
+        for layer, (k, v) in enumerate(layers):
+            kv[i, layer, 0][:, slots] = k[i][:, positions].float().cpu().numpy()
+            kv[i, layer, 1][:, slots] = v[i][:, positions].float().cpu().numpy()
+        mask[i, slots] = 1
+    position = np.array([len(s) - n for s, n in zip(pre.token_ids, pre.answer_lengths, strict=True)], np.int64)
+    return kv, mask, position
 
 
 def request_features(model, image, question: str) -> RequestFeatures:
@@ -69,14 +100,15 @@ def request_features(model, image, question: str) -> RequestFeatures:
 
 
 def batch_features(model, images: list, questions: list[str]) -> list[RequestFeatures]:
-    out = [RequestFeatures(None, {}, {}, None) for _ in images]
+    out = [RequestFeatures(None, {}, {}, {}, None) for _ in images]
     with torch.no_grad():
         for tier in TIERS:
             pre = model.preprocess(images, questions, tier)
             prepared = model.connect(pre, model.encode_vision(pre.pixels()))
-            prompt, tokens, mask, glob = summarise(model, prepared, pre)
+            kv, mask, position = prefix_kv(model, model.prefix(prepared), pre)
+            prompt, glob = summarise(model, prepared, pre)
             for i, f in enumerate(out):
-                f.tokens[tier], f.token_mask[tier] = tokens[i], mask[i]
+                f.kv[tier], f.kv_mask[tier], f.position[tier] = kv[i], mask[i], int(position[i])
                 if tier == TIERS[0]:
                     f.prompt, f.global_view = prompt[i], glob[i]
     return out
@@ -87,8 +119,9 @@ class FeatureCache:
     """Features of every sample of an outcome table, stacked for replay."""
 
     prompt: np.ndarray  # [n, d]
-    tokens: np.ndarray  # [n, 3, T, d]
-    token_mask: np.ndarray  # [n, 3, T]
+    kv: np.ndarray  # [n, 3 tiers, *kv_shape]
+    kv_mask: np.ndarray  # [n, 3, positions]
+    position: np.ndarray  # [n, 3]
     global_view: np.ndarray  # [n, d]
 
     @classmethod
@@ -99,24 +132,25 @@ class FeatureCache:
             feats += batch_features(model, [s.image for s in chunk], [s.question for s in chunk])
         return cls(
             np.stack([f.prompt for f in feats]),
-            np.stack([[f.tokens[t] for t in TIERS] for f in feats]),
-            np.stack([[f.token_mask[t] for t in TIERS] for f in feats]),
+            np.stack([[f.kv[t] for t in TIERS] for f in feats]),
+            np.stack([[f.kv_mask[t] for t in TIERS] for f in feats]),
+            np.array([[f.position[t] for t in TIERS] for f in feats], np.int64),
             np.stack([f.global_view for f in feats]),
         )
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, prompt=self.prompt, tokens=self.tokens, token_mask=self.token_mask,
-                            global_view=self.global_view)  # fmt: skip
+        np.savez(path, prompt=self.prompt, kv=self.kv, kv_mask=self.kv_mask, position=self.position,
+                 global_view=self.global_view)  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> FeatureCache:
         z = np.load(path)
-        return cls(z["prompt"], z["tokens"], z["token_mask"], z["global_view"])
+        return cls(z["prompt"], z["kv"], z["kv_mask"], z["position"], z["global_view"])
 
 
 def cache_key(model, table_meta: dict) -> str:
     """Changes whenever the model weights or the table's dataset change."""
-    h = hashlib.sha1(json.dumps(table_meta.get("dataset"), sort_keys=True).encode())
+    h = hashlib.sha1(FORMAT.encode() + json.dumps(table_meta.get("dataset"), sort_keys=True).encode())
     for v in model.state_dict().values():
         h.update(v.detach().float().sum().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -20,7 +20,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.budgets import BudgetDistribution, Penalty, budget_features
-from envs.features import N_TEXT, FeatureCache, prompt_embedding, summarise
+from envs.features import FeatureCache, kv_shape, prefix_kv, prompt_embedding, summarise
 from envs.latency import PARTS, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
 from envs.tasks.metrics import vqa_soft_accuracy
@@ -58,9 +58,9 @@ class ReplayBackend:
     def global_view(self, i: int) -> np.ndarray:
         return self.features.global_view[self.valid[i]]
 
-    def tokens(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray]:
+    def stage2(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray, int]:
         j = self.valid[i]
-        return self.features.tokens[j, tier], self.features.token_mask[j, tier]
+        return self.features.kv[j, tier], self.features.kv_mask[j, tier], int(self.features.position[j, tier])
 
     def outcome(self, i: int, cfg: int) -> tuple[float, dict[str, float]]:
         j = self.valid[i]
@@ -86,21 +86,21 @@ class LiveBackend:
     def global_view(self, i: int) -> np.ndarray:
         s = self.samples[i]
         pre, prepared, _ = timed_prefix(self.model, s.image, s.question, TIERS[0], StageTimer(), run_prefix=False)
-        return summarise(self.model, prepared, pre)[3][0]
+        return summarise(self.model, prepared, pre)[1][0]
 
-    def tokens(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray]:
+    def stage2(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray, int]:
         s, timer = self.samples[i], StageTimer(self.model.device)
-        # layers 0-2 run once, here, before stage 2 decides
+        # layers 0-2 run once, here, before stage 2 decides; stage 2 reads their cached keys/values
         pre, prepared, state = timed_prefix(self.model, s.image, s.question, TIERS[tier], timer)
         self._state = (i, tier, state, timer)
-        _, tokens, mask, _ = summarise(self.model, prepared, pre)
-        return tokens[0], mask[0]
+        kv, mask, position = prefix_kv(self.model, state, pre)
+        return kv[0], mask[0], int(position[0])
 
     def outcome(self, i: int, cfg: int) -> tuple[float, dict[str, float]]:
         tier, ki, bi = config_knobs(cfg)
         k, b = self.knob_lists["top_k"][ki], self.knob_lists["blocks"][bi]
         if self._state is None or self._state[:2] != (i, tier):
-            self.tokens(i, tier)
+            self.stage2(i, tier)
         _, _, state, timer = self._state
         gen = self.model.generate(state, self.model.layers_for(b), k, timer=timer)
         self._state = None
@@ -154,7 +154,8 @@ class _KnobEnv(gym.Env):
 
 class TwoStageKnobEnv(_KnobEnv):
     def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
-                 n_tokens: int = 16 + N_TEXT):  # fmt: skip
+                 kv: tuple[int, ...] = (3, 2, 4, 32, 24)):  # fmt: skip
+        """`kv`: the stage-2 observation's shape (`features.kv_shape(model.cfg)`)."""
         super().__init__(backend, budgets, full_ms, penalty, controller_ms)
         f32 = np.float32
         self.observation_space = spaces.Dict({
@@ -162,22 +163,24 @@ class TwoStageKnobEnv(_KnobEnv):
             "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
             "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
             "tier": spaces.Box(0, 1, (3,), f32),
-            "tokens": spaces.Box(-np.inf, np.inf, (n_tokens, d_model), f32),
-            "token_mask": spaces.Box(0, 1, (n_tokens,), f32),
+            "kv": spaces.Box(-np.inf, np.inf, tuple(kv), f32),
+            "kv_mask": spaces.Box(0, 1, (kv[3],), f32),
+            "position": spaces.Box(0, np.inf, (1,), f32),
         })  # fmt: skip
         self._stage, self._tier = 0, 0
 
     def _obs(self):
         tier = np.zeros(3, np.float32)
-        shape = self.observation_space["tokens"].shape
-        tokens, mask = np.zeros(shape, np.float32), np.zeros(shape[0], np.float32)
+        shape = self.observation_space["kv"].shape
+        kv, mask, position = np.zeros(shape, np.float32), np.zeros(shape[3], np.float32), 0
         if self._stage == 1:
             tier[self._tier] = 1
-            tokens, mask = self._tokens
+            kv, mask, position = self._stage2
         return {"stage": np.array([self._stage], np.float32),
                 "budget": budget_features(self._budget, self.full_ms),
                 "prompt": np.array(self._prompt, np.float32), "tier": tier,
-                "tokens": np.array(tokens, np.float32), "token_mask": np.array(mask, np.float32)}  # fmt: skip
+                "kv": np.array(kv, np.float32), "kv_mask": np.array(mask, np.float32),
+                "position": np.array([position], np.float32)}  # fmt: skip
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -200,7 +203,7 @@ class TwoStageKnobEnv(_KnobEnv):
         action = np.asarray(action).reshape(-1)
         if self._stage == 0:
             self._tier = int(action[0])
-            self._tokens = self.backend.tokens(self._sample, self._tier)
+            self._stage2 = self.backend.stage2(self._sample, self._tier)
             self._stage = 1
             return self._obs(), 0.0, False, False, {"tier": TIERS[self._tier]}
         reward, info = self._finish(config_index(self._tier, int(action[1]), int(action[2])))
@@ -269,10 +272,12 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
     return ReplayBackend(table, features, latency_model, model.cfg.knob_lists())
 
 
-def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, d_model: int, penalty=None,
+def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, cfg, penalty=None,
              controller_ms: float = 0.0, global_ms: float = 0.0, reuse_low: bool = True):  # fmt: skip
+    """`cfg`: the VLM's config (observation shapes follow its widths)."""
+    d_model = cfg.llm.d_model
     if kind == "two_stage":
-        return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model)
+        return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, kv_shape(cfg))
     if kind == "single_stage":
         return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms, reuse_low)
     raise ValueError(f"unknown environment kind {kind!r}; choose two_stage or single_stage")

@@ -3,9 +3,10 @@ MultiDiscrete([3, 5, 5]) (tier, top_k, blocks; 13 numbers) and a state value.
 
 Two-stage: stage 1 picks the tier before any vision work, from the budget (option A, about 10K
 parameters), the budget and the pooled prompt embedding (option B), or the budget and the prompt's
-semantic route (the nearest of k-means clusters of training prompts). Stage 2 runs the VLM's own
-layers 0-2 (frozen) over the request summary plus a budget token; the budget token's hidden state
-feeds a scheduler MLP with a top_k head and a blocks head.
+semantic route (the nearest of k-means clusters of training prompts). Stage 2 runs a budget token
+through the VLM's own layers 0-2 (frozen) against the keys and values those layers cached for the
+prompt during the prefix (features.py: 32 positions), so the prompt is never recomputed; the budget
+token's hidden state feeds a scheduler MLP with a top_k head and a blocks head.
 Single-stage: fuses the global-crop feature, the pooled prompt and the budget by an MLP or a small
 Transformer, with three heads.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from envs.vlm.presets import FIRST_KNOBBED_LAYER
-from envs.vlm.staged import attention_mask, run_layer
+from envs.vlm.staged import run_layer
 
 N_TIER, N_TOP_K, N_BLOCKS = 3, 5, 5
 N_BUDGET = 3
@@ -93,8 +94,24 @@ class SemanticRouter(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ stage 2
+class ObservedKV:
+    """A cache for `OlmoeAttention` whose past is the observed prefix keys/values [B, L, 2, H, N, hd]."""
+
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        past = self.kv[:, layer_idx]
+        return torch.cat([past[:, 0], key], dim=2), torch.cat([past[:, 1], value], dim=2)
+
+
 class Stage2Scheduler(nn.Module):
-    """The VLM's layers 0-2 (frozen copies) over the request summary + a budget token."""
+    """A budget token through the VLM's layers 0-2 (frozen copies) against the prefix's cached keys/values.
+
+    This is what running layers 0-2 over [prompt positions; budget token] computes at the budget
+    token: the prompt's entries do not depend on it (causal attention), so they come from the cache
+    the request's prefix already filled, and the controller pays for one token through 3 layers.
+    """
 
     def __init__(self, vlm, hidden: int = 128):
         super().__init__()
@@ -110,18 +127,19 @@ class Stage2Scheduler(nn.Module):
         self.top_k_head, self.blocks_head = nn.Linear(hidden, N_TOP_K), nn.Linear(hidden, N_BLOCKS)
         self.v = mlp([d, hidden, 1])
 
-    def forward(self, obs):
-        tokens, valid = obs["tokens"], obs["token_mask"] > 0.5
-        b = tokens.shape[0]
-        budget = self.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))[:, None]
-        h = torch.cat([tokens, budget], dim=1)
-        valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=valid.device)], dim=1)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        mask = attention_mask(valid, h.shape[1], h.dtype)
-        pos_emb = self.rotary(h, positions)
+    def budget_state(self, obs) -> torch.Tensor:
+        """The budget token's hidden state after layer 2: [B, d]."""
+        h = self.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))[:, None]
+        valid = torch.cat([obs["kv_mask"] > 0.5, torch.ones_like(obs["kv_mask"][:, :1], dtype=torch.bool)], dim=1)
+        mask = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, torch.finfo(h.dtype).min)
+        pos_emb = self.rotary(h, obs["position"].long())
+        cache = ObservedKV(obs["kv"].to(h.dtype))
         for layer in self.layers:
-            h = run_layer(layer, h, pos_emb, mask, None, self.top_k)
-        z = self.norm(h[:, -1])
+            h = run_layer(layer, h, pos_emb, mask[:, None, None], cache, self.top_k)
+        return h[:, -1]
+
+    def forward(self, obs):
+        z = self.norm(self.budget_state(obs))
         t = self.trunk(z)
         return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1), self.v(z)
 

@@ -39,7 +39,8 @@ def test_two_stage_masks_pin_the_undecided_knobs(world):
     assert m.tolist() == [True] * 3 + [True, False, False, False, False] * 2
     obs, r, done, _, info = env.step([2, 0, 0])
     assert obs["stage"][0] == 1 and obs["tier"].tolist() == [0, 0, 1] and r == 0.0 and not done
-    assert obs["token_mask"].sum() > 16  # vision slots and question tokens
+    assert obs["kv_mask"].sum() > 16 and obs["position"][0] > 16  # global view and question positions
+    assert np.abs(obs["kv"]).sum() > 0
     assert env.action_masks().tolist() == [False, False, True] + [True] * 10
     _, r, done, _, info = env.step([2, 4, 4])
     assert done and info["config"].tier == "high" and info["config"].top_k == 8 and info["config"].blocks == 13
@@ -84,7 +85,8 @@ def test_budgets_follow_the_distribution(world):
 def test_live_features_match_the_cache(world):
     model, table, feats, samples = world
     f = request_features(model, samples[2].image, samples[2].question)
-    np.testing.assert_allclose(f.tokens["medium"], feats.tokens[2, 1], atol=1e-5)
+    np.testing.assert_allclose(f.kv["medium"], feats.kv[2, 1], atol=1e-5)
+    assert f.position["medium"] == feats.position[2, 1]
     np.testing.assert_allclose(f.prompt, feats.prompt[2], atol=1e-6)
 
 

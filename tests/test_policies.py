@@ -8,7 +8,7 @@ from sb3_contrib import MaskablePPO
 
 from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
 from envs.vlm.checkpoint import save_model
-from policies.networks import SemanticRouter, Stage1Budget, TwoStageNet
+from policies.networks import SemanticRouter, Stage1Budget, Stage2Scheduler, TwoStageNet
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
 
 
@@ -81,3 +81,45 @@ def test_maskable_ppo_learns_saves_and_loads(world, vlm_dir, tmp_path, cls, poli
             obs, _, done, _, _ = env.step(a1)
             if done:
                 break
+
+
+def test_stage2_reads_the_prefix_cache_exactly_like_recomputing_layers_0_2(tiny, images, questions):
+    """With every prompt position exposed, the budget token's state after layer 2 equals running the
+    VLM's layers 0-2 over [prompt; budget token]: reusing the prefix cache changes nothing but cost."""
+    net = Stage2Scheduler(tiny)
+    pre = tiny.preprocess(images[:1], questions[:1], "medium")
+    with torch.no_grad():
+        prepared = tiny.connect(pre, tiny.encode_vision(pre.pixels()))
+        state = tiny.prefix(prepared)
+        t = prepared.embeds.shape[1]
+        kv = torch.stack([torch.stack(state.cache.layers[i], dim=1) for i in range(3)], dim=1)  # [1, 3, 2, H, T, hd]
+        obs = {"budget": torch.tensor([[0.3, -0.2, 0.5]]), "tier": torch.tensor([[0.0, 1.0, 0.0]]), "kv": kv,
+               "kv_mask": torch.ones(1, t), "position": torch.tensor([[float(t)]])}  # fmt: skip
+        reused = net.budget_state(obs)
+        budget = net.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))[:, None]
+        h = torch.cat([prepared.embeds, budget], dim=1)
+        valid = torch.ones(1, t + 1, dtype=torch.bool)
+        recomputed = tiny._run(range(3), h, tiny._positions(valid), valid, None, 8, [0] * 16)[:, -1]
+    torch.testing.assert_close(reused, recomputed, atol=1e-5, rtol=1e-5)
+    # masked positions are not read: zeroing them changes nothing
+    obs["kv_mask"][:, :5] = 0
+    masked = net.budget_state(obs)
+    obs["kv"][..., :5, :] = 0
+    torch.testing.assert_close(net.budget_state(obs), masked)
+    assert not torch.allclose(masked, reused)
+
+
+def test_stage2_costs_one_token_through_three_layers(world, tiny):
+    """The controller never re-runs the prompt: MoE calls see one token per request."""
+    env, _ = _envs(world)
+    env.reset(seed=0)
+    obs = {k: torch.as_tensor(v)[None] for k, v in env.step([2, 0, 0])[0].items()}
+    net = Stage2Scheduler(tiny)
+    seen = []
+    hooks = [
+        layer.mlp.experts.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])) for layer in net.layers
+    ]
+    net(obs)
+    for h in hooks:
+        h.remove()
+    assert seen == [1, 1, 1]  # tokens through the experts of layers 0, 1, 2
