@@ -107,10 +107,18 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median_ms": float(np.median(values)), "p90_ms": float(np.percentile(values, 90))}
 
 
-def profile_images() -> list[np.ndarray]:
-    """Noise images of several sizes and aspect ratios, so tiers yield several crop counts."""
+def profile_images(crop_size: int = 64) -> list[np.ndarray]:
+    """Noise images of several sizes and aspect ratios, so tiers yield several crop counts.
+
+    Sizes scale with the crop size (the tiny preset's 64 px is the unit): a 336 px preset gets
+    images up to 1260 px, so its high tier reaches its 12 crops as real photographs do.
+    """
     rng = np.random.default_rng(0)
-    return [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in ((160, 160), (100, 220), (240, 120), (64, 64))]
+    sizes = [
+        (round(h * crop_size / 64), round(w * crop_size / 64))
+        for h, w in ((160, 160), (100, 220), (240, 120), (64, 64))
+    ]
+    return [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
 
 
 def profile_latency(model, repeats: int = 5, warmup: int = 2, new_tokens: int = 3, progress: bool = True) -> dict:
@@ -119,7 +127,7 @@ def profile_latency(model, repeats: int = 5, warmup: int = 2, new_tokens: int = 
 
     question = "which letter is in the top left corner?"
     knobs = model.cfg.knob_lists()
-    images = profile_images()
+    images = profile_images(model.cfg.vision.crop_size)
     stage_rows, config_rows = [], []
     steps = [(t, i) for t in knobs["tier"] for i in range(len(images))]
     for tier, i in tqdm(steps, desc="profile", disable=not progress):
