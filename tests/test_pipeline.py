@@ -2,8 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
-from conftest import fake_latency
+from conftest import _envs, fake_latency
 
 from agents.imitation import collect, oracle_action
 from agents.pipeline import Args, run
@@ -119,3 +120,16 @@ def test_evaluate_and_compare_scripts(assets, tmp_path, monkeypatch, capsys):
     assert evaluate_main([*argv[:3], f"trace:{tmp_path / 'empty.json'}", *argv[4:]]) == 2
     assert evaluate_main(["--policy", str(tmp_path / "nope.zip"), *argv[2:]]) == 2
     assert "policy file not found" in capsys.readouterr().err
+
+
+def test_violation_rate_counts_only_budgets_the_cheapest_config_fits(world):
+    """Always taking each request's cheapest config violates exactly the budgets nothing fits."""
+    from agents.evaluation import config_chooser, run_episodes, summarize
+
+    env, _ = _envs(world)
+    table, rows = env.backend.table, env.backend.valid
+    r = run_episodes(env, config_chooser(lambda e: int(np.argmin(table.latency[rows[e._sample]]))), 80, seed=0)
+    s = summarize(r)
+    assert 0 < s["feasible_fraction"] < 1  # some budgets are below every config's latency
+    assert s["violation_rate_feasible"] == 0.0
+    assert s["violation_rate"] == pytest.approx(1 - s["feasible_fraction"])
