@@ -235,7 +235,7 @@ class FastPath:
 
     def generate(self, state: FastPrefixState, layers, top_k: int, max_new: int, timer, ignore_eos: bool):
         """The fast twin of `KnobVLM.generate` (same bookkeeping, same greedy loop)."""
-        from envs.vlm.model import Generation
+        from envs.vlm.model import Generation, greedy_step
 
         m = self.model
         bk = self.buckets[state.bucket_key]
@@ -273,20 +273,9 @@ class FastPath:
             bk.position.copy_(state.positions[:, -1:])
             step = 0
             while True:
-                for i, tok in enumerate(nxt.tolist()):
-                    if done[i]:
-                        continue
-                    if tok == eos and not ignore_eos:
-                        done[i] = True
-                        continue
-                    generated[i].append(tok)
-                    done[i] = len(generated[i]) >= max_new
-                if all(done):
+                if greedy_step(nxt.tolist(), generated, done, eos, ignore_eos, max_new, decode_steps, per_request,
+                               per_token_calls):  # fmt: skip
                     break
-                for i in range(b):
-                    if not done[i]:
-                        decode_steps[i] += 1
-                        per_request[i] += per_token_calls
                 for i in layers:
                     counts[i] += b * (m.cfg.llm.top_k if i < FIRST_KNOBBED_LAYER else top_k)
                 bk.token.copy_(nxt[:, None])

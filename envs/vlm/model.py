@@ -96,6 +96,29 @@ class Generation:
     decode_steps: list[int] = field(default_factory=list)  # forward passes after prefill, per request
 
 
+def greedy_step(tokens, generated, done, eos, ignore_eos, max_new, decode_steps, per_request, calls) -> bool:
+    """Take each unfinished request's next token (or its end); count the decode step the rest need.
+
+    Returns True when every request is done. Shared by the plain and the fast path so both stop,
+    count steps and count expert calls the same way.
+    """
+    for i, tok in enumerate(tokens):
+        if done[i]:
+            continue
+        if tok == eos and not ignore_eos:
+            done[i] = True
+            continue
+        generated[i].append(tok)
+        done[i] = len(generated[i]) >= max_new
+    if all(done):
+        return True
+    for i, finished in enumerate(done):
+        if not finished:
+            decode_steps[i] += 1
+            per_request[i] += calls
+    return False
+
+
 class KnobVLM(nn.Module):
     def __init__(self, cfg: VLMConfig, tokenizer: TextTokenizer, ranking: BlockRanking | None = None):
         super().__init__()
@@ -378,21 +401,9 @@ class KnobVLM(nn.Module):
             decode_steps = [0] * b
             pos = positions[:, -1]
             while True:
-                for i in range(b):
-                    if done[i]:
-                        continue
-                    tok = int(nxt[i])
-                    if tok == eos and not ignore_eos:
-                        done[i] = True
-                        continue
-                    generated[i].append(tok)
-                    done[i] = len(generated[i]) >= max_new
-                if all(done):
+                if greedy_step(nxt.tolist(), generated, done, eos, ignore_eos, max_new, decode_steps, per_request,
+                               per_token_calls):  # fmt: skip
                     break
-                for i in range(b):
-                    if not done[i]:
-                        decode_steps[i] += 1
-                        per_request[i] += per_token_calls
                 pos = pos + 1
                 valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=valid.device)], dim=1)
                 h = self.llm.embed_tokens(nxt[:, None])
