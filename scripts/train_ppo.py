@@ -40,7 +40,8 @@ def parse(argv: list[str] | None) -> Args:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.out == Path("runs/ppo"):
-        args.out = Path(f"runs/ppo_{args.policy}_{args.variant}{'_quick' if args.quick else ''}")
+        light = "_light" if args.policy == "single_stage" and args.encoder == "light" else ""
+        args.out = Path(f"runs/ppo_{args.policy}_{args.variant}{light}{'_quick' if args.quick else ''}")
     try:
         out = run(args)
     except (BudgetError, FileNotFoundError) as e:
