@@ -163,8 +163,7 @@ class FastPath:
         mask = slot_mask(query_slots, bk.valid_slots, h.dtype)
         pos_emb = m.llm.rotary_emb(h, positions)
         for i in layers:
-            k = m.cfg.llm.top_k if i < FIRST_KNOBBED_LAYER else top_k
-            h = self.layer_fn(m.llm.layers[i], h, pos_emb, mask, bk.cache, k)
+            h = self.layer_fn(m.llm.layers[i], h, pos_emb, mask, bk.cache, m.layer_top_k(i, top_k))
         return h
 
     def _phase(self, key: tuple, fn) -> Phase:
@@ -226,7 +225,7 @@ class FastPath:
             h = self._phase(("prefix", b, length), self._prefix_fn(bk))()
         bk.epoch += 1
         n_tokens = sum(prepared.prompt_tokens)
-        counts = [n_tokens * m.cfg.llm.top_k if i < FIRST_KNOBBED_LAYER else 0 for i in range(m.cfg.llm.layers)]
+        counts = [n_tokens * m.layer_top_k(i, 0) for i in range(m.cfg.llm.layers)]
         per_request = [n * FIRST_KNOBBED_LAYER * m.cfg.llm.top_k for n in prepared.prompt_tokens]
         return FastPrefixState(
             prepared, h[:, pad:].clone(), bk.cache, bk.prompt_positions[:, pad:].clone(), per_request, counts,
@@ -277,7 +276,7 @@ class FastPath:
                                per_token_calls):  # fmt: skip
                     break
                 for i in layers:
-                    counts[i] += b * (m.cfg.llm.top_k if i < FIRST_KNOBBED_LAYER else top_k)
+                    counts[i] += b * m.layer_top_k(i, top_k)
                 bk.token.copy_(nxt[:, None])
                 bk.slot.fill_(length + step)
                 bk.position.add_(1)

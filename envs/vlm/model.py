@@ -189,6 +189,10 @@ class KnobVLM(nn.Module):
         if blocks is not None and blocks not in k.blocks:
             raise KnobError(f"blocks={blocks} is not offered by preset {self.cfg.name}; choose one of {list(k.blocks)}")
 
+    def layer_top_k(self, layer: int, top_k: int) -> int:
+        """The router top-k layer `layer` runs with: the trained k for layers 0-2, the knob after."""
+        return self.cfg.llm.top_k if layer < FIRST_KNOBBED_LAYER else top_k
+
     def layers_for(self, blocks: int) -> list[int]:
         """Layers 0-2, then the `blocks` most important of 3..L-1 in their original order."""
         return list(range(FIRST_KNOBBED_LAYER)) + sorted(self.ranking.order[:blocks])
@@ -315,7 +319,7 @@ class KnobVLM(nn.Module):
         pos_emb = self.llm.rotary_emb(h, positions)
         n_tokens = valid[:, -h.shape[1] :].sum().item()
         for i in layers:
-            k = self.cfg.llm.top_k if i < FIRST_KNOBBED_LAYER else top_k
+            k = self.layer_top_k(i, top_k)
             h_in, h = h, run_layer(self.llm.layers[i], h, pos_emb, mask, cache, k)
             counts[i] += n_tokens * k
             if on_layer is not None:
