@@ -50,17 +50,22 @@ def prompt_embedding(model, question: str) -> np.ndarray:
         return model.llm.embed_tokens(ids).float().mean(0).cpu().numpy()
 
 
+def _summary_positions(model, pre, t: int, i: int) -> tuple[list[int], list[int]]:
+    """Request i's global-view patch positions and its question-token positions in a batch of length t."""
+    per_crop = model.cfg.vision.tokens_per_side**2
+    offset, end = t - len(pre.token_ids[i]), t - pre.answer_lengths[i]
+    return [offset + p for p in pre.patch_positions[i][:per_crop]], list(range(end - pre.text_lengths[i], end))
+
+
 def summarise(model, prepared, pre) -> tuple[np.ndarray, np.ndarray]:
     """From a prepared batch: prompt embedding [B, d] and global view [B, d]."""
     emb = prepared.embeds.float()
     b, t, d = emb.shape
-    per_crop = model.cfg.vision.tokens_per_side**2
     prompt, glob = np.zeros((b, d), np.float32), np.zeros((b, d), np.float32)
     for i in range(b):
-        offset = t - len(pre.token_ids[i])
-        end = t - pre.answer_lengths[i]
-        prompt[i] = emb[i, end - pre.text_lengths[i] : end].mean(0).cpu().numpy()
-        glob[i] = emb[i, [offset + p for p in pre.patch_positions[i][:per_crop]]].mean(0).cpu().numpy()
+        view, text = _summary_positions(model, pre, t, i)
+        prompt[i] = emb[i, text].mean(0).cpu().numpy()
+        glob[i] = emb[i, view].mean(0).cpu().numpy()
     return prompt, glob
 
 
@@ -75,17 +80,15 @@ def _layer_kv(state, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 def prefix_kv(model, state, pre) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stage-2 observation from a prefix state: kv [B, *kv_shape], mask [B, positions], position [B]."""
     shape = kv_shape(model.cfg)
-    per_crop = model.cfg.vision.tokens_per_side**2
     b, t = state.hidden.shape[:2]
     kv = np.zeros((b, *shape), np.float32)
     mask = np.zeros((b, shape[3]), np.float32)
     layers = [_layer_kv(state, i) for i in range(FIRST_KNOBBED_LAYER)]
     for i in range(b):
-        offset = t - len(pre.token_ids[i])
-        end = t - pre.answer_lengths[i]
-        text = list(range(end - pre.text_lengths[i], end))[-N_TEXT:]
-        slots = list(range(per_crop)) + list(range(shape[3] - len(text), shape[3]))
-        positions = [offset + p for p in pre.patch_positions[i][:per_crop]] + text
+        view, text = _summary_positions(model, pre, t, i)
+        text = text[-N_TEXT:]
+        slots = list(range(len(view))) + list(range(shape[3] - len(text), shape[3]))
+        positions = view + text
         for layer, (k, v) in enumerate(layers):
             kv[i, layer, 0][:, slots] = k[i][:, positions].float().cpu().numpy()
             kv[i, layer, 1][:, slots] = v[i][:, positions].float().cpu().numpy()
@@ -106,11 +109,11 @@ def batch_features(model, images: list, questions: list[str]) -> list[RequestFea
             pre = model.preprocess(images, questions, tier)
             prepared = model.connect(pre, model.encode_vision(pre.pixels()))
             kv, mask, position = prefix_kv(model, model.prefix(prepared), pre)
-            prompt, glob = summarise(model, prepared, pre)
             for i, f in enumerate(out):
                 f.kv[tier], f.kv_mask[tier], f.position[tier] = kv[i], mask[i], int(position[i])
-                if tier == TIERS[0]:
-                    f.prompt, f.global_view = prompt[i], glob[i]
+            if tier == TIERS[0]:  # prompt and global view are the same at every tier
+                for f, prompt, glob in zip(out, *summarise(model, prepared, pre), strict=True):
+                    f.prompt, f.global_view = prompt, glob
     return out
 
 
