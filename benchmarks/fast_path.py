@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.latency import StageTimer
+from envs.latency import StageTimer, timed_prefix
 from envs.tasks.synthvqa import make_sample
 from envs.vlm.checkpoint import build_model
 from envs.vlm.fast import Phase
@@ -55,13 +55,8 @@ def request_parts(model, image, question, tier, top_k, blocks, repeats, warmup) 
     runs: dict[str, list[float]] = {"vision": [], "prefill": [], "decode_per_token": []}
     for r in range(warmup + repeats):
         timer = StageTimer(model.device)
+        _, prepared, state = timed_prefix(model, image, question, tier, timer)
         with torch.no_grad():
-            pre = model.preprocess([image], [question], tier)
-            with timer.stage("vision"):
-                features = model.encode_vision(pre.pixels())
-            prepared = model.connect(pre, features)
-            with timer.stage("prefill"):
-                state = model.prefix(prepared)
             gen = model.generate(state, model.layers_for(blocks), top_k, NEW_TOKENS, timer=timer, ignore_eos=True)
         if r >= warmup:
             runs["vision"].append(timer.ms["vision"])
