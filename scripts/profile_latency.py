@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.compile and not args.fast:
         ap.error("--compile applies to the fast path: add --fast")
+    if args.bucket < 1:
+        ap.error("--bucket must be at least 1 token")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but torch sees no CUDA device")
     dtype = getattr(torch, args.dtype)

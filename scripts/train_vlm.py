@@ -33,6 +33,10 @@ def parse(argv: list[str] | None) -> TrainArgs:
     args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights)})
     if args.steps <= 0 or args.batch_size <= 0:
         ap.error("--steps and --batch-size must be positive")
+    if args.vision_steps > 0 and args.aux_weight <= 0:
+        ap.error("--vision-steps train on the dense vision loss: they need --aux-weight > 0")
+    if args.reinit_vision and args.init is None:
+        ap.error("--reinit-vision keeps the LLM of --init DIR: give --init")
     return args
 
 

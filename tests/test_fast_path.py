@@ -125,6 +125,8 @@ def test_profile_script_profiles_both_paths_in_one_run(tmp_path):
     assert all(v > 0 for v in prof["speedup"].values())
     with pytest.raises(SystemExit):
         profile_main([*args, "--compile", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        profile_main([*args, "--fast", "--bucket", "0", "--out", str(out)])
 
 
 def test_device_benchmark_dry_run_on_cpu(tmp_path):

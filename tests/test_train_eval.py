@@ -116,3 +116,12 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
     assert torch.equal(state["lm_head.weight"], src.state_dict()["lm_head.weight"].float())
     w = "vit.encoder.layers.1.mlp.fc1.weight"  # one warm-up step from the fresh weights, far from the source's
     assert (state[w] - fresh[w]).abs().max() < 0.01 < (state[w] - src.state_dict()[w]).abs().max()
+
+
+@pytest.mark.parametrize("argv", [["--vision-steps", "5", "--aux-weight", "0"], ["--reinit-vision"], ["--steps", "0"]])
+def test_train_vlm_refuses_contradictory_flags(argv, capsys):
+    from scripts.train_vlm import parse
+
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert "error:" in capsys.readouterr().err

@@ -172,17 +172,18 @@ def train(args: TrainArgs) -> Path:
         prepared = model.connect(pre, model.encode_vision(pre.pixels()))
         aux = probe.loss(prepared.image_tokens, pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
         if step < args.vision_steps:
-            loss = answer = aux  # the LLM is not run: vision warm-up
+            loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
             answer = model.answer_loss(prepared, layers, top_k)
-            loss = answer + args.aux_weight * aux
+            loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
+            writer.add_scalar("train/loss", shown["answer"], step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        bar.set_postfix(answer=f"{answer.item():.3f}", aux=f"{aux.item():.3f}", tier=tier, k=top_k, d=len(layers))
-        writer.add_scalar("train/loss", answer.item(), step)
-        writer.add_scalar("train/aux_loss", aux.item(), step)
+        shown["aux"] = aux.item()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()} | {"tier": tier, "k": top_k, "d": len(layers)})
+        writer.add_scalar("train/aux_loss", shown["aux"], step)
         writer.add_scalar("train/grad_norm", float(gnorm), step)
         writer.add_scalar("train/lr", lr_at(step, args), step)
         writer.add_scalar("train/depth", len(layers), step)
