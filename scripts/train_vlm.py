@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from envs.vlm.train import TrainArgs, train
+from envs.vlm.train import WARMUP_SCENES, TrainArgs, train
 
 
 def parse(argv: list[str] | None) -> TrainArgs:
@@ -35,6 +35,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
         ap.error("--steps and --batch-size must be positive")
     if args.vision_steps > 0 and args.aux_weight <= 0:
         ap.error("--vision-steps train on the dense vision loss: they need --aux-weight > 0")
+    if args.warmup_scenes not in WARMUP_SCENES:
+        ap.error(f"--warmup-scenes must be one of {WARMUP_SCENES}")
     if args.reinit_vision and args.init is None:
         ap.error("--reinit-vision keeps the LLM of --init DIR: give --init")
     return args

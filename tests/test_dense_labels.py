@@ -8,7 +8,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
-from envs.tasks.synthvqa import SceneObject, make_sample
+from envs.tasks.dense_scenes import make_dense_sample
+from envs.tasks.synthvqa import DIGIT_PT, GLYPH_PT, SceneObject, _font, make_sample
 from envs.vlm.crops import make_crops
 from envs.vlm.presets import get_preset
 from envs.vlm.train import VisionProbe
@@ -125,3 +126,40 @@ def test_inside_a_large_shape_only_the_colour_is_asked():
     covered = [i for i in range(16) if i != centre and col[i] > 0]
     assert len(covered) >= 3 and all(cls[i] == IGNORE for i in covered)
     assert all(cls[i] == 0 and col[i] == 0 for i in range(16) if i != centre and i not in covered)
+
+
+def test_dense_scenes_are_deterministic_packed_and_use_the_task_sizes():
+    a, b = make_dense_sample(0, 3), make_dense_sample(0, 3)
+    assert a.image.tobytes() == b.image.tobytes() and a.objects == b.objects
+    assert make_dense_sample(1, 3).image.tobytes() != a.image.tobytes()
+    task = [make_sample(0, i) for i in range(20)]
+    dense = [make_dense_sample(0, i) for i in range(20)]
+    per_image = sum(len(s.objects) for s in dense) / 20
+    assert per_image > 4 * sum(len(s.objects) for s in task) / 20  # many more labelled objects per image
+    for s in dense:
+        assert all(o.label in CLASSES and o.colour in COLOUR_CLASSES for o in s.objects)
+        for o in s.objects:  # glyphs at the sizes the questions use: 7 px letters, 40 pt digits
+            kind, char = o.label.split(":")
+            if kind != "shape":
+                left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox(
+                    (0, 0), char, font=_font(GLYPH_PT if kind == "letter" else DIGIT_PT)
+                )
+                assert o.size == max(right - left, bottom - top)
+    labels, _ = _targets(dense[0], "high")
+    assert sum(lab.startswith("letter") for lab in labels) >= 8  # a warm-up image asks about many letters
+
+
+def test_probe_accuracy_counts_each_group_over_the_tokens_it_asks_about():
+    samples = [make_sample(0, i) for i in range(5)]
+    crops = [make_crops(s.image, MAX_CROPS["high"], VISION) for s in samples]
+    cls = np.concatenate([token_targets(s.objects, c, 4)[0] for s, c in zip(samples, crops, strict=True)])
+    probe = VisionProbe(96)
+    with torch.no_grad():  # a probe that always answers "letter:a" and colour "red"
+        probe.cls.weight.zero_(), probe.colour.weight.zero_(), probe.cls.bias.fill_(0), probe.colour.bias.fill_(0)
+        probe.cls.bias[CLASSES.index("letter:a")] = 1.0
+        probe.colour.bias[COLOUR_CLASSES.index("red")] = 1.0
+    got = probe.accuracy(torch.randn(len(cls) // 16, 16, 96), crops, samples)
+    letters = [c for c in cls if c >= 0 and CLASSES[c].startswith("letter")]
+    assert got["letter"] == (sum(CLASSES[c] == "letter:a" for c in letters), len(letters))
+    assert got["shape"][0] == 0 and got["shape"][1] == sum(c >= 0 and CLASSES[c].startswith("shape") for c in cls)
+    assert 0 < got["colour"][0] < got["colour"][1]

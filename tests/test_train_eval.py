@@ -93,10 +93,11 @@ def test_eval_from_an_outcome_table_equals_running_the_model(tiny, tmp_path):
                       "--outcomes", str(table)]) == 2  # fmt: skip
 
 
-def test_vision_warm_up_trains_vision_and_probe_only(tmp_path):
+@pytest.mark.parametrize("scenes", ["task", "dense"])
+def test_vision_warm_up_trains_vision_and_probe_only(tmp_path, scenes):
     common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
     init = build_model("tiny", seed=0).state_dict()
-    train(TrainArgs(steps=1, vision_steps=1, **common))
+    train(TrainArgs(steps=1, vision_steps=1, warmup_scenes=scenes, **common))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert set(state["probe"]) >= {"cls.weight", "colour.weight"}
     assert torch.equal(state["model"]["lm_head.weight"], init["lm_head.weight"])  # the LLM did not run
@@ -118,7 +119,10 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
     assert (state[w] - fresh[w]).abs().max() < 0.01 < (state[w] - src.state_dict()[w]).abs().max()
 
 
-@pytest.mark.parametrize("argv", [["--vision-steps", "5", "--aux-weight", "0"], ["--reinit-vision"], ["--steps", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--vision-steps", "5", "--aux-weight", "0"], ["--reinit-vision"], ["--steps", "0"], ["--warmup-scenes", "mnist"]],
+)
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
     from scripts.train_vlm import parse
 

@@ -32,6 +32,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 FAMILIES = ("colour", "presence", "glyph", "count", "sum")
+GLYPH_PT, DIGIT_PT = 9, 40  # font sizes: small letters (about 7 px), large digits
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3, "rl_train": 4}
 
 
@@ -80,29 +81,39 @@ class _Scene:
         self.boxes: list[tuple[float, float, float]] = []
         self.objects: list[SceneObject] = []
 
-    def place(self, r: float, margin: float = 2, region=(0, SIZE, 0, SIZE)) -> tuple[float, float]:
+    def place(self, r: float, margin: float = 2, region=(0, SIZE, 0, SIZE), tries: int = 200):
+        """A free centre for an object of radius r; None after `tries` misses unless tries is the default."""
         y0, y1, x0, x1 = region
-        for _ in range(200):
+        for _ in range(tries):
             cx = self.rng.uniform(x0 + r + margin, x1 - r - margin)
             cy = self.rng.uniform(y0 + r + margin, y1 - r - margin)
             if all(math.hypot(cx - x, cy - y) > r + rr + margin for x, y, rr in self.boxes):
                 self.boxes.append((cx, cy, r))
                 return cx, cy
-        raise RuntimeError("scene too crowded")  # never with the counts used below
+        if tries == 200:
+            raise RuntimeError("scene too crowded")  # never with the task families' counts
+        return None
 
-    def shape(self, shape: str, colour: str, r: float, region=(0, SIZE, 0, SIZE)) -> None:
-        cx, cy = self.place(r, region=region)
+    def shape(self, shape: str, colour: str, r: float, region=(0, SIZE, 0, SIZE), tries: int = 200) -> bool:
+        centre = self.place(r, region=region, tries=tries)
+        if centre is None:
+            return False
+        cx, cy = centre
         draw_shape(self.draw, shape, cx, cy, r, COLOURS[colour])
         self.objects.append(SceneObject(f"shape:{shape}", colour, cy, cx, 2 * r))
+        return True
 
-    def text(self, text: str, size: int, colour: str, region=(0, SIZE, 0, SIZE)) -> None:
+    def text(self, text: str, size: int, colour: str, region=(0, SIZE, 0, SIZE), tries: int = 200) -> bool:
         font = _font(size)
         left, top, right, bottom = self.draw.textbbox((0, 0), text, font=font)
-        r = max(right - left, bottom - top) / 2 + 1
-        cx, cy = self.place(r, region=region)
+        centre = self.place(max(right - left, bottom - top) / 2 + 1, region=region, tries=tries)
+        if centre is None:
+            return False
+        cx, cy = centre
         self.draw.text((cx - (left + right) / 2, cy - (top + bottom) / 2), text, font=font, fill=COLOURS[colour])
         kind = "digit" if text.isdigit() else "letter"
         self.objects.append(SceneObject(f"{kind}:{text}", colour, cy, cx, max(right - left, bottom - top)))
+        return True
 
 
 def _pick(rng, seq, exclude=()):
@@ -142,6 +153,10 @@ def _presence(scene: _Scene):
     return f"is there a small {colour} {shape}?", "yes" if present else "no"
 
 
+GLYPH_COLOURS = ("black", "blue", "red", "purple")
+DIGIT_COLOURS = tuple(c for c in COLOURS if c not in ("yellow", "cyan"))  # legible on the pale background
+
+
 def _glyph(scene: _Scene):
     rng = scene.rng
     letters = rng.choice(list(LETTERS), size=4, replace=False)
@@ -149,7 +164,7 @@ def _glyph(scene: _Scene):
     for letter, (row, col) in zip(letters, CORNERS.values(), strict=True):
         region = (row * half + (0 if row == 0 else 30), row * half + (50 if row == 0 else half), 0, SIZE)
         region = (region[0], region[1], col * half + (0 if col == 0 else 30), col * half + (50 if col == 0 else half))
-        scene.text(str(letter), 9, _pick(rng, ["black", "blue", "red", "purple"]), region=region)
+        scene.text(str(letter), GLYPH_PT, _pick(rng, GLYPH_COLOURS), region=region)
     _distractors(scene, int(rng.integers(1, 3)), (8, 14))
     corner = list(CORNERS)[int(rng.integers(4))]
     return f"which letter is in the {corner} corner?", str(letters[list(CORNERS).index(corner)])
@@ -168,9 +183,9 @@ def _count(scene: _Scene):
 def _sum(scene: _Scene):
     rng = scene.rng
     a, b = int(rng.integers(10)), int(rng.integers(10))
-    c1 = _pick(rng, COLOURS, ["yellow", "cyan"])
-    scene.text(str(a), 40, c1, region=(0, SIZE, 0, SIZE / 2))
-    scene.text(str(b), 40, _pick(rng, COLOURS, ["yellow", "cyan", c1]), region=(0, SIZE, SIZE / 2, SIZE))
+    c1 = _pick(rng, DIGIT_COLOURS)
+    scene.text(str(a), DIGIT_PT, c1, region=(0, SIZE, 0, SIZE / 2))
+    scene.text(str(b), DIGIT_PT, _pick(rng, DIGIT_COLOURS, [c1]), region=(0, SIZE, SIZE / 2, SIZE))
     _distractors(scene, int(rng.integers(0, 3)), (6, 10))
     return "what is the sum of the two digits?", str(a + b)
 

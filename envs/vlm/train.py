@@ -29,11 +29,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
+from envs.tasks.dense_scenes import make_dense_sample
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, make_sample
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.ranking import compute_ranking
+
+WARMUP_SCENES = ("task", "dense")
 
 
 @dataclass
@@ -51,10 +54,12 @@ class TrainArgs:
     full_steps: int = 500  # progressive shrinking: the first steps train the full config only
     aux_weight: float = 1.0  # weight of the dense vision-token loss (0 turns it off)
     vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
+    warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
     val_n: int = 250
+    probe_n: int = 50  # validation images the vision probe's accuracy is measured on
     ckpt_every: int = 50
     ranking: str = "adalora"
     ranking_n: int = 256
@@ -89,17 +94,47 @@ class VisionProbe(nn.Module):
         self.register_buffer("cls_weight", torch.tensor([none_weight] + [1.0] * (len(CLASSES) - 1)))
         self.register_buffer("colour_weight", torch.tensor([none_weight] + [1.0] * (len(COLOUR_CLASSES) - 1)))
 
-    def loss(self, image_tokens: torch.Tensor, crops: list, samples: list) -> torch.Tensor:
-        """Mean cross-entropy over legible tokens of both heads; tokens in the connector's order."""
+    def _logits_and_targets(self, image_tokens: torch.Tensor, crops: list, samples: list):
         side = math.isqrt(image_tokens.shape[1])
         targets = [token_targets(s.objects, c, side) for s, c in zip(samples, crops, strict=True)]
         cls = torch.from_numpy(np.concatenate([t[0] for t in targets])).to(image_tokens.device)
         col = torch.from_numpy(np.concatenate([t[1] for t in targets])).to(image_tokens.device)
         h = self.norm(image_tokens.reshape(-1, image_tokens.shape[-1]).float())
+        return self.cls(h), cls, self.colour(h), col
+
+    def loss(self, image_tokens: torch.Tensor, crops: list, samples: list) -> torch.Tensor:
+        """Mean cross-entropy over legible tokens of both heads; tokens in the connector's order."""
+        cls_logits, cls, col_logits, col = self._logits_and_targets(image_tokens, crops, samples)
         ce = nn.functional.cross_entropy
-        return ce(self.cls(h), cls, self.cls_weight, ignore_index=IGNORE) + ce(
-            self.colour(h), col, self.colour_weight, ignore_index=IGNORE
+        return ce(cls_logits, cls, self.cls_weight, ignore_index=IGNORE) + ce(
+            col_logits, col, self.colour_weight, ignore_index=IGNORE
         )
+
+    @torch.no_grad()
+    def accuracy(self, image_tokens: torch.Tensor, crops: list, samples: list) -> dict[str, tuple[int, int]]:
+        """(correct, asked) per target group: shape, letter, digit classes and object colour."""
+        cls_logits, cls, col_logits, col = self._logits_and_targets(image_tokens, crops, samples)
+        right_cls, right_col = cls_logits.argmax(-1) == cls, col_logits.argmax(-1) == col
+        out = {}
+        for group in ("shape", "letter", "digit"):
+            ids = [i for i, c in enumerate(CLASSES) if c.startswith(group + ":")]
+            asked = torch.isin(cls, torch.tensor(ids, device=cls.device))
+            out[group] = (int(right_cls[asked].sum()), int(asked.sum()))
+        asked = col > 0
+        out["colour"] = (int(right_col[asked].sum()), int(asked.sum()))
+        return out
+
+
+def probe_report(model, probe: VisionProbe, samples: list) -> dict[str, dict[str, float]]:
+    """Probe accuracy per tier and group on `samples` (groups a tier is never asked about are left out)."""
+    out = {}
+    with torch.no_grad():
+        for tier in TIERS:
+            pre = model.preprocess([s.image for s in samples], [s.question for s in samples], tier)
+            tokens = model.connect(pre, model.encode_vision(pre.pixels())).image_tokens
+            counts = probe.accuracy(tokens, pre.crops, samples)
+            out[tier] = {g: right / asked for g, (right, asked) in counts.items() if asked}
+    return out
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -126,6 +161,8 @@ def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
 
 
 def train(args: TrainArgs) -> Path:
+    if args.warmup_scenes not in WARMUP_SCENES:
+        raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {args.warmup_scenes!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
     model = build_model(args.preset, seed=args.seed)
@@ -165,13 +202,16 @@ def train(args: TrainArgs) -> Path:
     for step in bar:
         rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
         tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
-        batch = [make_sample(train_seed, step * args.batch_size + i) for i in range(args.batch_size)]
+        warm_up = step < args.vision_steps
+        make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else make_sample
+        batch = [make(train_seed, step * args.batch_size + i) for i in range(args.batch_size)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        pre = model.preprocess([s.image for s in batch], [s.question for s in batch], tier, [s.answer for s in batch])
+        answers = None if warm_up else [s.answer for s in batch]
+        pre = model.preprocess([s.image for s in batch], [s.question for s in batch], tier, answers)
         prepared = model.connect(pre, model.encode_vision(pre.pixels()))
         aux = probe.loss(prepared.image_tokens, pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
-        if step < args.vision_steps:
+        if warm_up:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
             answer = model.answer_loss(prepared, layers, top_k)
@@ -189,6 +229,13 @@ def train(args: TrainArgs) -> Path:
         writer.add_scalar("train/depth", len(layers), step)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt, model, probe, opt, step + 1)
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            model.eval()
+            for tier, groups in probe_report(model, probe, val[: args.probe_n]).items():
+                for group, acc in groups.items():
+                    writer.add_scalar(f"probe/{tier}/{group}", acc, step + 1)
+                tqdm.write(f"step {step + 1} probe {tier}: " + " ".join(f"{g} {a:.2f}" for g, a in groups.items()))
+            model.train()
         if step >= args.vision_steps and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
             model.eval()
             configs = validation_configs(model)
