@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # Rebuild everything that ships beside the embedded tiny model, in order:
 # the model, its CPU latency profile, its outcome tables (RL train / val / test) and its accuracy report.
-# Usage: bash scripts/build_embedded.sh [STEPS]   (a trained model can be reused: SKIP_TRAIN=1;
-# extra training flags, e.g. --init DIR --reinit-vision or --device cuda, go in TRAIN_ARGS)
+# Usage: bash scripts/build_embedded.sh   (a trained model can be reused: SKIP_TRAIN=1; extra training
+# flags for every stage, e.g. --device cuda, go in TRAIN_ARGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${1:-2600}
 W=envs/vlm/weights/tiny
 if [ -z "${SKIP_TRAIN:-}" ]; then
-  # shellcheck disable=SC2086
-  python scripts/train_vlm.py --out runs/tiny_vlm --steps "$STEPS" --vision-steps 600 --full-steps 900 --ship "$W" ${TRAIN_ARGS:-}
+  # The shipped model's lineage, one resumable stage per line, each starting from the one before
+  # (all on this 2-core CPU): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
+  # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
+  # dense scenes; 4. joint training.
+  stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
+    local out=$1; shift
+    # shellcheck disable=SC2086
+    [ -f "$out/model/model.safetensors" ] || python scripts/train_vlm.py --out "$out" "$@" ${TRAIN_ARGS:-}
+  }
+  stage runs/tiny_vlm --steps 1200 --full-steps 500 --aux-weight 0
+  stage runs/tiny_vlm_aux --init runs/tiny_vlm/model --reinit-vision --steps 2600 --vision-steps 600 --full-steps 900
+  stage runs/tiny_vlm_dense_warmup --init runs/tiny_vlm_aux/model --steps 1500 --vision-steps 1500 \
+    --warmup-scenes dense --tier-weights 1 1 2 --val-every 250 --val-n 50 --ranking-n 32
+  stage runs/tiny_vlm_joint --init runs/tiny_vlm_dense_warmup/model --steps 2500 --full-steps 600 --ship "$W"
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"
