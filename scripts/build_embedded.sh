@@ -20,7 +20,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   stage runs/tiny_vlm_aux --init runs/tiny_vlm/model --reinit-vision --steps 2600 --vision-steps 600 --full-steps 900
   stage runs/tiny_vlm_dense_warmup --init runs/tiny_vlm_aux/model --steps 1500 --vision-steps 1500 \
     --warmup-scenes dense --tier-weights 1 1 2 --val-every 250 --val-n 50 --ranking-n 32
-  stage runs/tiny_vlm_joint --init runs/tiny_vlm_dense_warmup/model --steps 2500 --full-steps 600 --ship "$W"
+  stage runs/tiny_vlm_joint --init runs/tiny_vlm_dense_warmup/model --steps 1800 --full-steps 600 --val-every 300 --val-n 150 --ship "$W"
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"

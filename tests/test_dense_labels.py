@@ -49,8 +49,11 @@ def test_every_drawn_object_is_annotated():
     for i in range(20):
         s = make_sample(5, i)
         labels = Counter(o.label.split(":")[0] for o in s.objects)
-        if s.family == "glyph":
-            assert labels["letter"] == 4
+        if s.family == "glyph":  # one letter, inside the corner the question names
+            (letter,) = [o for o in s.objects if o.label.startswith("letter")]
+            assert letter.label == f"letter:{s.answer}"
+            top, left = "top" in s.question, "left" in s.question
+            assert (letter.cy < 80) == top and (letter.cx < 80) == left
         if s.family == "sum":
             assert labels["digit"] == 2 and sum(int(o.label[-1]) for o in s.objects if "digit" in o.label) == int(
                 s.answer

@@ -8,7 +8,7 @@ same difficulty and nothing has to be stored. Images are 160 x 160: the global v
 |----------|--------------------------------------------|--------------------------------------|
 | colour   | colour of the largest shape                | global view suffices                 |
 | presence | is there a small <colour> <shape>?         | medium tier: 10 px objects           |
-| glyph    | which letter is in the <corner> corner?    | high tier: 7 px letters              |
+| glyph    | which letter is in the <corner> corner?    | high tier: one 7 px letter           |
 | count    | how many <shape>s are there?               | depth                                |
 | sum      | sum of the two large digits                | depth and experts                    |
 """
@@ -158,16 +158,17 @@ DIGIT_COLOURS = tuple(c for c in COLOURS if c not in ("yellow", "cyan"))  # legi
 
 
 def _glyph(scene: _Scene):
+    """One small letter, in the corner the question names: reading it, not searching, is the test."""
     rng = scene.rng
-    letters = rng.choice(list(LETTERS), size=4, replace=False)
-    half = SIZE / 2
-    for letter, (row, col) in zip(letters, CORNERS.values(), strict=True):
-        region = (row * half + (0 if row == 0 else 30), row * half + (50 if row == 0 else half), 0, SIZE)
-        region = (region[0], region[1], col * half + (0 if col == 0 else 30), col * half + (50 if col == 0 else half))
-        scene.text(str(letter), GLYPH_PT, _pick(rng, GLYPH_COLOURS), region=region)
-    _distractors(scene, int(rng.integers(1, 3)), (8, 14))
+    letter = _pick(rng, LETTERS)
     corner = list(CORNERS)[int(rng.integers(4))]
-    return f"which letter is in the {corner} corner?", str(letters[list(CORNERS).index(corner)])
+    row, col = CORNERS[corner]
+    half = SIZE / 2
+    rows = (0, 50) if row == 0 else (half + 30, SIZE)
+    cols = (0, 50) if col == 0 else (half + 30, SIZE)
+    scene.text(letter, GLYPH_PT, _pick(rng, GLYPH_COLOURS), region=(*rows, *cols))
+    _distractors(scene, int(rng.integers(1, 3)), (8, 14))
+    return f"which letter is in the {corner} corner?", letter
 
 
 def _count(scene: _Scene):
