@@ -10,7 +10,9 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
   # (all on this 2-core CPU): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training.
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss. (The shipped run of stage 4
+  # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
+  # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
     local out=$1; shift
     # shellcheck disable=SC2086
@@ -20,7 +22,8 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   stage runs/tiny_vlm_aux --init runs/tiny_vlm/model --reinit-vision --steps 2600 --vision-steps 600 --full-steps 900
   stage runs/tiny_vlm_dense_warmup --init runs/tiny_vlm_aux/model --steps 1500 --vision-steps 1500 \
     --warmup-scenes dense --tier-weights 1 1 2 --val-every 250 --val-n 50 --ranking-n 32
-  stage runs/tiny_vlm_joint --init runs/tiny_vlm_dense_warmup/model --steps 1800 --full-steps 600 --val-every 300 --val-n 150 --ship "$W"
+  stage runs/tiny_vlm_joint --init runs/tiny_vlm_dense_warmup/model --steps 1800 --full-steps 600 --val-every 300 --val-n 150 \
+    --dense-aux-batch 8 --ship "$W"
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"

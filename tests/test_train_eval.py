@@ -107,6 +107,20 @@ def test_vision_warm_up_trains_vision_and_probe_only(tmp_path, scenes):
     assert not torch.equal(state["model"]["connector.projector.w2.weight"], init["connector.projector.w2.weight"])
 
 
+def test_dense_aux_batch_adds_dense_scenes_to_the_joint_vision_loss(tmp_path, monkeypatch):
+    import envs.vlm.train as train_module
+
+    seen = []
+    real = train_module.make_dense_sample
+    monkeypatch.setattr(train_module, "make_dense_sample", lambda seed, i: seen.append(i) or real(seed, i))
+    common = dict(batch_size=2, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1, full_steps=0)
+    train(TrainArgs(out=tmp_path / "a", steps=2, vision_steps=1, dense_aux_batch=3, **common))
+    assert seen == [train_module.DENSE_AUX_OFFSET + 3 + i for i in range(3)]  # joint step 1 only, 3 scenes
+    seen.clear()
+    train(TrainArgs(out=tmp_path / "b", steps=1, **common))
+    assert seen == []  # off by default
+
+
 def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
     src = build_model("tiny", seed=3)
     save_model(src, tmp_path / "src")

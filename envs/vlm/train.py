@@ -37,6 +37,7 @@ from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.ranking import compute_ranking
 
 WARMUP_SCENES = ("task", "dense")
+DENSE_AUX_OFFSET = 10_000_000  # dense-scene indices of joint steps, apart from the warm-up's
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainArgs:
     aux_weight: float = 1.0  # weight of the dense vision-token loss (0 turns it off)
     vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
     warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
+    dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
@@ -211,6 +213,13 @@ def train(args: TrainArgs) -> Path:
         pre = model.preprocess([s.image for s in batch], [s.question for s in batch], tier, answers)
         prepared = model.connect(pre, model.encode_vision(pre.pixels()))
         aux = probe.loss(prepared.image_tokens, pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
+        if not warm_up and args.dense_aux_batch > 0:
+            # task scenes show one small letter per glyph question: without these the letter features fade
+            first = DENSE_AUX_OFFSET + step * args.dense_aux_batch
+            dense = [make_dense_sample(train_seed, first + i) for i in range(args.dense_aux_batch)]
+            dense_pre = model.preprocess([s.image for s in dense], [s.question for s in dense], tier)
+            dense_tokens = model.connect(dense_pre, model.encode_vision(dense_pre.pixels())).image_tokens
+            aux = aux + probe.loss(dense_tokens, dense_pre.crops, dense)
         if warm_up:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
