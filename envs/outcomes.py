@@ -22,6 +22,7 @@ import numpy as np
 
 from envs.latency import PARTS, LatencyModel
 from envs.tasks.metrics import exact_match, vqa_soft_accuracy
+from envs.vlm.checkpoint import weights_digest
 from envs.vlm.evaluate import Config, finish_all
 
 META = "meta.json"
@@ -29,10 +30,15 @@ META = "meta.json"
 
 # ---------------------------------------------------------------------------------------------- datasets
 def dataset_samples(spec: dict, start: int = 0, stop: int | None = None) -> list:
-    """Samples [start, stop) of a dataset spec: {"kind": "synthvqa", "seed", "n"} or {"kind": "manifest", "path"}."""
+    """Samples [start, stop) of a dataset spec: synthvqa.dataset_spec(seed, n) or {"kind": "manifest", "path"}."""
     if spec["kind"] == "synthvqa":
-        from envs.tasks.synthvqa import make_sample
+        from envs.tasks.synthvqa import VERSION, make_sample
 
+        if spec.get("version", 1) != VERSION:
+            raise ValueError(
+                f"this table was built on SynthVQA version {spec.get('version', 1)}, whose scenes differ from "
+                f"the current version {VERSION}: rebuild it (scripts/build_outcomes.py)"
+            )
         stop = spec["n"] if stop is None else min(stop, spec["n"])
         return [make_sample(spec["seed"], i) for i in range(start, stop)]
     if spec["kind"] == "manifest":
@@ -123,8 +129,8 @@ def build_outcomes(model_spec: str, dataset: dict, out: str | Path, latency: dic
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     n = dataset_size(dataset)
-    meta = {"model": str(model_spec), "dataset": dataset, "n": n, "shard_size": shard_size,
-            "configs": [c.__dict__ for c in configs], "latency_model": latency}  # fmt: skip
+    meta = {"model": str(model_spec), "weights": weights_digest(model_spec), "dataset": dataset, "n": n,
+            "shard_size": shard_size, "configs": [c.__dict__ for c in configs], "latency_model": latency}  # fmt: skip
     if (out / META).exists():
         old = json.loads((out / META).read_text())
         if {k: old.get(k) for k in meta} != json.loads(json.dumps(meta)):

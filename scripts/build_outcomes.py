@@ -17,6 +17,7 @@ from pathlib import Path
 
 from envs.oracle import pareto_plot
 from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl
+from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import EMBEDDED
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no latency profile at {profile}; make one with scripts/profile_latency.py", file=sys.stderr)
         return 2
     latency = json.loads(profile.read_text())["model"]
-    dataset = {"kind": "synthvqa", "seed": args.seed, "n": args.n}
+    dataset = dataset_spec(args.seed, args.n)
     if args.manifest:
         dataset = {"kind": "manifest", "path": str(args.manifest.resolve())}
     from envs.vlm.checkpoint import load_model

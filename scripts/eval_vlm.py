@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.outcomes import OutcomeTable
-from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA
+from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, dataset_spec
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config, accuracy_table, all_configs, sweep
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.outcomes:
         table = OutcomeTable.load(args.outcomes)
-        if table.meta.get("dataset") != {"kind": "synthvqa", "seed": args.seed, "n": args.n}:
+        if table.meta.get("dataset") != dataset_spec(args.seed, args.n):
             print(f"error: {args.outcomes} is not the table of SynthVQA seed {args.seed}, n={args.n}", file=sys.stderr)
             return 2
         if table.configs != configs:

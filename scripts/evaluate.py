@@ -24,6 +24,8 @@ from agents.report import markdown
 from envs.budgets import BudgetError, Penalty, parse_distribution
 from envs.knob_env import replay_backend
 from envs.outcomes import OutcomeTable, build_outcomes
+from envs.tasks.synthvqa import dataset_spec
+from envs.vlm.checkpoint import weights_digest
 from envs.vlm.evaluate import all_configs
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy
 
@@ -44,11 +46,13 @@ def load_policy(path: Path) -> tuple[MaskablePPO, str]:
 
 def test_table(assets: Assets, model_spec: str, seed: int, n: int) -> Path:
     root = Path(os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))
-    key = hashlib.sha1(f"{Path(assets_dir(model_spec)).resolve()}|{seed}|{n}".encode()).hexdigest()[:12]
+    spec = json.dumps(dataset_spec(seed, n), sort_keys=True)
+    key = hashlib.sha1(f"{Path(assets_dir(model_spec)).resolve()}|{weights_digest(model_spec)}|{spec}".encode())
+    key = key.hexdigest()[:12]
     out = root / "outcomes" / f"synthvqa-{seed}-{n}-{key}"
     if not (out / "table.npz").is_file():
         print(f"building the outcome table of seed {seed} (n={n}) in {out}")
-        build_outcomes(model_spec, {"kind": "synthvqa", "seed": seed, "n": n}, out, assets.latency_model.to_dict(),
+        build_outcomes(model_spec, dataset_spec(seed, n), out, assets.latency_model.to_dict(),
                        all_configs(assets.vlm))  # fmt: skip
         OutcomeTable.load(out).save_npz(out / "table.npz")
     return out / "table.npz"

@@ -6,6 +6,7 @@ from envs.features import FeatureCache
 from envs.knob_env import LiveBackend, ReplayBackend, TwoStageKnobEnv
 from envs.latency import LatencyModel
 from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples
+from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, save_model
 from envs.vlm.evaluate import all_configs
 
@@ -44,7 +45,7 @@ def fake_latency() -> dict:
     ).to_dict()
 
 
-DATASET = {"kind": "synthvqa", "seed": 21, "n": 5}
+DATASET = dataset_spec(21, 5)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from envs.oracle import (
     pareto_front,
     random_feasible_configs,
 )
-from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl, read_rows
+from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples, export_jsonl, read_rows
 from envs.tasks.data import export_manifest
-from envs.tasks.synthvqa import SynthVQA
-from envs.vlm.checkpoint import save_model
+from envs.tasks.synthvqa import SynthVQA, dataset_spec
+from envs.vlm.checkpoint import build_model, save_model
 from envs.vlm.evaluate import Config
 
 CONFIGS = [Config("low", 8, 13), Config("low", 1, 5), Config("high", 2, 7), Config("high", 8, 13)]
@@ -61,7 +61,7 @@ def test_profile_has_every_stage_and_config(tiny):
 
 
 def _dataset(n):
-    return {"kind": "synthvqa", "seed": 9, "n": n}
+    return dataset_spec(9, n)
 
 
 def test_table_rows_scores_and_latency(model_dir, tmp_path):
@@ -127,6 +127,18 @@ def test_a_table_for_another_dataset_is_refused(model_dir, tmp_path):
     build_outcomes(model_dir, _dataset(2), tmp_path / "t", fake_latency(), CONFIGS[:1], progress=False)
     with pytest.raises(ValueError, match="another model, dataset"):
         build_outcomes(model_dir, _dataset(3), tmp_path / "t", fake_latency(), CONFIGS[:1], progress=False)
+
+
+def test_a_table_of_other_weights_or_an_older_generator_is_refused(model_dir, tmp_path):
+    import shutil
+
+    weights = shutil.copytree(model_dir, tmp_path / "m")
+    build_outcomes(str(weights), _dataset(2), tmp_path / "t", fake_latency(), CONFIGS[:1], progress=False)
+    save_model(build_model("tiny", seed=1), weights)  # retrained in place: same path, other weights
+    with pytest.raises(ValueError, match="another model"):
+        build_outcomes(str(weights), _dataset(2), tmp_path / "t", fake_latency(), CONFIGS[:1], progress=False)
+    with pytest.raises(ValueError, match="SynthVQA version 1"):
+        dataset_samples({"kind": "synthvqa", "seed": 9, "n": 2})  # a table from before versions were recorded
 
 
 def test_ray_executor_gives_the_same_table(model_dir, tmp_path):

@@ -9,6 +9,7 @@ from conftest import _envs, fake_latency
 from agents.imitation import collect, oracle_action
 from agents.pipeline import Args, run
 from envs.outcomes import OutcomeTable, build_outcomes
+from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import save_model
 from envs.vlm.evaluate import all_configs
 from scripts.train_ppo import main as train_main
@@ -21,7 +22,7 @@ def assets(tiny, tmp_path_factory):
     (root / "latency_cpu.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 25.0}))
     (root / "outcomes").mkdir()
     for split, seed in (("train", 30), ("test", 31)):
-        out = build_outcomes(str(root), {"kind": "synthvqa", "seed": seed, "n": 8}, root / "tables" / split,
+        out = build_outcomes(str(root), dataset_spec(seed, 8), root / "tables" / split,
                              fake_latency(), all_configs(tiny), progress=False)  # fmt: skip
         OutcomeTable.load(out).save_npz(root / "outcomes" / f"{split}.npz")
     return root

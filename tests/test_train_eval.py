@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.train import TrainArgs, lr_at, sample_knobs, train
@@ -82,7 +83,7 @@ def test_eval_from_an_outcome_table_equals_running_the_model(tiny, tmp_path):
     from envs.vlm.evaluate import all_configs
 
     model_dir = str(save_model(tiny, tmp_path / "m"))
-    table = build_outcomes(model_dir, {"kind": "synthvqa", "seed": 9, "n": 4}, tmp_path / "t", fake_latency(),
+    table = build_outcomes(model_dir, dataset_spec(9, 4), tmp_path / "t", fake_latency(),
                            all_configs(tiny), progress=False)  # fmt: skip
     common = ["--model", model_dir, "--seed", "9", "--n", "4"]
     assert eval_main([*common, "--out", str(tmp_path / "run.json")]) == 0

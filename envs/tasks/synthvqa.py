@@ -32,6 +32,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 FAMILIES = ("colour", "presence", "glyph", "count", "sum")
+VERSION = 2  # bumped whenever a seed's scenes change (2: one letter per glyph scene); tables record it
 GLYPH_PT, DIGIT_PT = 9, 40  # font sizes: small letters (about 7 px), large digits
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3, "rl_train": 4}
 
@@ -226,6 +227,11 @@ class SynthVQA:
 
     def __iter__(self):
         return (self[i] for i in range(self.n))
+
+
+def dataset_spec(seed: int, n: int) -> dict:
+    """The dataset entry an outcome table records for a SynthVQA split (with the generator's version)."""
+    return {"kind": "synthvqa", "version": VERSION, "seed": seed, "n": n}
 
 
 def vocabulary() -> list[str]:

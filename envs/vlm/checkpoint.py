@@ -6,6 +6,7 @@ weights builds a randomly initialised model (good for latency, which depends on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -105,6 +106,15 @@ def _rebuild_buffers(model: KnobVLM) -> None:
     inv_freq, _ = rot.compute_default_rope_parameters(rot.config)
     rot.inv_freq = inv_freq
     rot.original_inv_freq = inv_freq.clone()
+
+
+def weights_digest(spec: str | Path) -> str:
+    """A short hash of the weights `load_model(spec)` reads ("random-init" without a weights file):
+    what outcome tables and cached results record, so a retrained model never meets stale ones."""
+    path = (EMBEDDED / str(spec) if str(spec) in PRESETS else Path(spec)) / WEIGHTS
+    if not path.is_file():
+        return "random-init"
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> KnobVLM:
