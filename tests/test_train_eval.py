@@ -136,7 +136,13 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--vision-steps", "5", "--aux-weight", "0"], ["--reinit-vision"], ["--steps", "0"], ["--warmup-scenes", "mnist"]],
+    [
+        ["--vision-steps", "5", "--aux-weight", "0"],
+        ["--reinit-vision"],
+        ["--steps", "0"],
+        ["--warmup-scenes", "mnist"],
+        ["--dense-aux-batch", "-1"],
+    ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
     from scripts.train_vlm import parse
