@@ -33,8 +33,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
     args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights)})
     if args.steps <= 0 or args.batch_size <= 0:
         ap.error("--steps and --batch-size must be positive")
-    if args.vision_steps > 0 and args.aux_weight <= 0:
-        ap.error("--vision-steps train on the dense vision loss: they need --aux-weight > 0")
+    if (args.vision_steps > 0 or args.dense_aux_batch > 0) and args.aux_weight <= 0:
+        ap.error("--vision-steps and --dense-aux-batch train on the dense vision loss: they need --aux-weight > 0")
     if args.dense_aux_batch < 0 or args.probe_n < 1:
         ap.error("--dense-aux-batch must be >= 0 and --probe-n >= 1")
     if args.warmup_scenes not in WARMUP_SCENES:

@@ -142,6 +142,7 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
         ["--steps", "0"],
         ["--warmup-scenes", "mnist"],
         ["--dense-aux-batch", "-1"],
+        ["--dense-aux-batch", "4", "--aux-weight", "0"],
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):

@@ -261,10 +261,14 @@ class KnobVLM(nn.Module):
             states.append(h)
         return torch.cat([states[i][:, 1:] for i in self._feature_states], dim=-1)
 
-    def connect(self, pre: Preprocessed, features: torch.Tensor) -> Prepared:
-        """Pool and project vision features, add them to the patch-token embeddings, left-pad."""
+    def image_tokens(self, pre: Preprocessed, features: torch.Tensor) -> torch.Tensor:
+        """Pool and project vision features: [n_total_crops, tokens_per_crop, d], crop by crop."""
         masks = torch.from_numpy(np.concatenate([c.patch_mask for c in pre.crops])).to(self.device)
-        tokens = self.connector(features, masks)  # [n_total_crops, tokens_per_crop, d]
+        return self.connector(features, masks)
+
+    def connect(self, pre: Preprocessed, features: torch.Tensor) -> Prepared:
+        """Image tokens added to the patch-token embeddings, left-padded."""
+        tokens = self.image_tokens(pre, features)
         b, t = len(pre.token_ids), max(len(s) for s in pre.token_ids)
         ids = torch.full((b, t), self.tokenizer.ids["pad"], dtype=torch.long, device=self.device)
         valid = torch.zeros(b, t, dtype=torch.bool, device=self.device)

@@ -127,14 +127,18 @@ class VisionProbe(nn.Module):
         return out
 
 
+def vision_tokens(model, samples: list, tier: str) -> tuple[torch.Tensor, list]:
+    """Connector output and crops of `samples` at `tier`, without the LLM's embeddings."""
+    pre = model.preprocess([s.image for s in samples], [s.question for s in samples], tier)
+    return model.image_tokens(pre, model.encode_vision(pre.pixels())), pre.crops
+
+
 def probe_report(model, probe: VisionProbe, samples: list) -> dict[str, dict[str, float]]:
     """Probe accuracy per tier and group on `samples` (groups a tier is never asked about are left out)."""
     out = {}
     with torch.no_grad():
         for tier in TIERS:
-            pre = model.preprocess([s.image for s in samples], [s.question for s in samples], tier)
-            tokens = model.connect(pre, model.encode_vision(pre.pixels())).image_tokens
-            counts = probe.accuracy(tokens, pre.crops, samples)
+            counts = probe.accuracy(*vision_tokens(model, samples, tier), samples)
             out[tier] = {g: right / asked for g, (right, asked) in counts.items() if asked}
     return out
 
@@ -217,9 +221,7 @@ def train(args: TrainArgs) -> Path:
             # task scenes show one small letter per glyph question: without these the letter features fade
             first = DENSE_AUX_OFFSET + step * args.dense_aux_batch
             dense = [make_dense_sample(train_seed, first + i) for i in range(args.dense_aux_batch)]
-            dense_pre = model.preprocess([s.image for s in dense], [s.question for s in dense], tier)
-            dense_tokens = model.connect(dense_pre, model.encode_vision(dense_pre.pixels())).image_tokens
-            aux = aux + probe.loss(dense_tokens, dense_pre.crops, dense)
+            aux = aux + probe.loss(*vision_tokens(model, dense, tier), dense)
         if warm_up:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
@@ -240,21 +242,19 @@ def train(args: TrainArgs) -> Path:
             save_checkpoint(ckpt, model, probe, opt, step + 1)
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             model.eval()
-            for tier, groups in probe_report(model, probe, val[: args.probe_n]).items():
+            for t, groups in probe_report(model, probe, val[: args.probe_n]).items():
                 for group, acc in groups.items():
-                    writer.add_scalar(f"probe/{tier}/{group}", acc, step + 1)
-                tqdm.write(f"step {step + 1} probe {tier}: " + " ".join(f"{g} {a:.2f}" for g, a in groups.items()))
-            model.train()
-        if step >= args.vision_steps and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
-            model.eval()
-            configs = validation_configs(model)
-            _, em, _ = sweep(model, val, configs, progress=False)
-            for row in accuracy_table([s.family for s in val], configs, em):
-                tag = f"{row['tier']}_k{row['top_k']}_b{row['blocks']}"
-                writer.add_scalar(f"val/{tag}", row["accuracy"], step + 1)
-                for fam, acc in row["by_family"].items():
-                    writer.add_scalar(f"val_family/{tag}/{fam}", acc, step + 1)
-                tqdm.write(f"step {step + 1} {tag}: {row['accuracy']:.3f} {json.dumps(row['by_family'])}")
+                    writer.add_scalar(f"probe/{t}/{group}", acc, step + 1)
+                tqdm.write(f"step {step + 1} probe {t}: " + " ".join(f"{g} {a:.2f}" for g, a in groups.items()))
+            if not warm_up:  # answers only once the LLM trains
+                configs = validation_configs(model)
+                _, em, _ = sweep(model, val, configs, progress=False)
+                for row in accuracy_table([s.family for s in val], configs, em):
+                    tag = f"{row['tier']}_k{row['top_k']}_b{row['blocks']}"
+                    writer.add_scalar(f"val/{tag}", row["accuracy"], step + 1)
+                    for fam, acc in row["by_family"].items():
+                        writer.add_scalar(f"val_family/{tag}/{fam}", acc, step + 1)
+                    tqdm.write(f"step {step + 1} {tag}: {row['accuracy']:.3f} {json.dumps(row['by_family'])}")
             model.train()
     writer.add_scalar("train/minutes", (time.time() - t0) / 60, args.steps)
     writer.close()
