@@ -34,9 +34,10 @@ def dataset_samples(spec: dict, start: int = 0, stop: int | None = None) -> list
     if spec["kind"] == "synthvqa":
         from envs.tasks.synthvqa import VERSION, make_sample
 
-        if spec.get("version", 1) != VERSION:
+        version = spec.get("version", 1)  # tables from before versions were recorded are version 1
+        if version != VERSION:
             raise ValueError(
-                f"this table was built on SynthVQA version {spec.get('version', 1)}, whose scenes differ from "
+                f"this table was built on SynthVQA version {version}, whose scenes differ from "
                 f"the current version {VERSION}: rebuild it (scripts/build_outcomes.py)"
             )
         stop = spec["n"] if stop is None else min(stop, spec["n"])

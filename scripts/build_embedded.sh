@@ -27,8 +27,8 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"
-# shards run as Ray tasks, one per core; an interrupted build resumes. Tables of an earlier model in
-# runs/outcomes are refused by name: move them away when the model changed.
+# shards run as Ray tasks, one per core; an interrupted build resumes. Tables of other weights in
+# runs/outcomes are refused (they record a hash of the weights): move them away when the model changed.
 for spec in "test 2 2000" "rl_train 4 600" "val 1 200"; do
   set -- $spec
   python scripts/build_outcomes.py --model tiny --seed "$2" --n "$3" --executor ray --out "runs/outcomes/$1"

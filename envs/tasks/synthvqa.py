@@ -82,20 +82,21 @@ class _Scene:
         self.boxes: list[tuple[float, float, float]] = []
         self.objects: list[SceneObject] = []
 
-    def place(self, r: float, margin: float = 2, region=(0, SIZE, 0, SIZE), tries: int = 200):
-        """A free centre for an object of radius r; None after `tries` misses unless tries is the default."""
+    def place(self, r: float, margin: float = 2, region=(0, SIZE, 0, SIZE), tries: int | None = None):
+        """A free centre for an object of radius r. tries=None: a task object, which must fit (an error
+        after 200 misses); a number: an optional object, given up (None) after that many misses."""
         y0, y1, x0, x1 = region
-        for _ in range(tries):
+        for _ in range(200 if tries is None else tries):
             cx = self.rng.uniform(x0 + r + margin, x1 - r - margin)
             cy = self.rng.uniform(y0 + r + margin, y1 - r - margin)
             if all(math.hypot(cx - x, cy - y) > r + rr + margin for x, y, rr in self.boxes):
                 self.boxes.append((cx, cy, r))
                 return cx, cy
-        if tries == 200:
+        if tries is None:
             raise RuntimeError("scene too crowded")  # never with the task families' counts
         return None
 
-    def shape(self, shape: str, colour: str, r: float, region=(0, SIZE, 0, SIZE), tries: int = 200) -> bool:
+    def shape(self, shape: str, colour: str, r: float, region=(0, SIZE, 0, SIZE), tries: int | None = None) -> bool:
         centre = self.place(r, region=region, tries=tries)
         if centre is None:
             return False
@@ -104,7 +105,7 @@ class _Scene:
         self.objects.append(SceneObject(f"shape:{shape}", colour, cy, cx, 2 * r))
         return True
 
-    def text(self, text: str, size: int, colour: str, region=(0, SIZE, 0, SIZE), tries: int = 200) -> bool:
+    def text(self, text: str, size: int, colour: str, region=(0, SIZE, 0, SIZE), tries: int | None = None) -> bool:
         font = _font(size)
         left, top, right, bottom = self.draw.textbbox((0, 0), text, font=font)
         centre = self.place(max(right - left, bottom - top) / 2 + 1, region=region, tries=tries)
