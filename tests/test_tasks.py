@@ -9,7 +9,7 @@ from PIL import Image
 
 from envs.tasks.data import Sample, export_manifest, load_manifest, load_vqav2
 from envs.tasks.metrics import exact_match, normalize_answer, vqa_soft_accuracy
-from envs.tasks.synthvqa import FAMILIES, SynthVQA, make_sample, vocabulary
+from envs.tasks.synthvqa import FAMILIES, SMALL_SIZE, SynthVQA, complement, make_sample, vocabulary
 from envs.vlm.tokenizer import TextTokenizer, build_word_tokenizer
 
 
@@ -39,6 +39,44 @@ def test_every_question_and_answer_word_is_in_the_tiny_vocabulary():
         assert unk not in tok.encode(s.question), s.question
         assert tok.decode(tok.encode(s.answer)) == s.answer
     assert all(tok.tokenizer.token_to_id(w) is not None for w in vocabulary())
+
+
+def _small_present(sample, question: str) -> bool:
+    colour, shape = question.rstrip("?").split()[-2:]
+    return any(o.label == f"shape:{shape}" and o.colour == colour and o.size <= SMALL_SIZE for o in sample.objects)
+
+
+def test_complement_asks_the_same_scene_with_the_other_answer():
+    samples = list(SynthVQA(12, 200))
+    for s in samples:
+        c = complement(s)
+        if s.family not in ("presence", "count"):
+            assert c is None
+            continue
+        assert c.image is s.image and c.objects == s.objects and c.question != s.question
+        assert complement(s).question == c.question  # deterministic
+        if s.family == "presence":
+            assert {s.answer, c.answer} == {"yes", "no"}
+            # the annotation rule agrees with the generator's own answer and gives the complement's
+            assert _small_present(s, s.question) == (s.answer == "yes")
+            assert _small_present(c, c.question) == (c.answer == "yes")
+        else:
+            for q in (s, c):
+                shape = q.question.split()[2][:-1]
+                assert int(q.answer) == sum(o.label == f"shape:{shape}" for o in s.objects)
+
+
+def test_task_batch_puts_each_complement_after_its_question():
+    from envs.vlm.train import task_batch
+
+    plain = task_batch(make_sample, 0, 3, 32, pairs=False)
+    paired = task_batch(make_sample, 0, 3, 32, pairs=True)
+    assert len(plain) == len(paired) == 32 and [s.id for s in plain] == [f"synthvqa-0-{96 + i}" for i in range(32)]
+    for prev, s in zip(paired[:-1], paired[1:], strict=True):
+        if s.id.endswith("-c"):
+            assert s.id == prev.id + "-c" and s.image is prev.image
+    assert sum(s.id.endswith("-c") for s in paired) >= 8
+    assert [s.question for s in paired] == [s.question for s in task_batch(make_sample, 0, 3, 32, pairs=True)]
 
 
 def test_unknown_family():

@@ -16,6 +16,7 @@ same difficulty and nothing has to be stored. Images are 160 x 160: the global v
 from __future__ import annotations
 
 import math
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -205,6 +206,42 @@ def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
     scene = _Scene(rng)
     question, answer = GENERATORS[fam](scene)
     return Sample(f"synthvqa-{seed}-{index}", scene.image, question, [answer] * 10, fam, tuple(scene.objects))
+
+
+SMALL_SIZE = 10.5  # the presence family's small objects are 10 px across (radius 5)
+
+
+def complement(sample: Sample) -> Sample | None:
+    """The same scene asked a question with another answer, or None where the family has none.
+
+    Training aid in the spirit of VQAv2's balanced pairs: with both questions of a pair in one
+    batch, an answer that ignores the question's words is wrong on one of them. Presence: ask about
+    a small object the scene holds when the answer was "no", else about a small object it lacks
+    (sharing the colour or the shape, as hard negatives do). Count: ask about another shape; the
+    answer is counted from the scene's annotation.
+    """
+    rng = np.random.default_rng([zlib.crc32(sample.id.encode()), 7])  # stable across processes
+    if sample.family == "presence":
+        small = {(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE}
+        if sample.answer == "no":
+            shape, colour = sorted(small)[int(rng.integers(len(small)))]
+            return _asked(sample, f"is there a small {colour} {shape}?", "yes")
+        words = sample.question.rstrip("?").split()
+        colour, shape = words[-2], words[-1]
+        options = [(s, colour) for s in SHAPES] + [(shape, c) for c in COLOURS]
+        options = [o for o in options if o not in small]
+        shape, colour = options[int(rng.integers(len(options)))]
+        return _asked(sample, f"is there a small {colour} {shape}?", "no")
+    if sample.family == "count":
+        asked = sample.question.split()[2][:-1]  # "how many circles are there?"
+        shape = _pick(rng, SHAPES, [asked])
+        n = sum(o.label == f"shape:{shape}" for o in sample.objects)
+        return _asked(sample, f"how many {shape}s are there?", str(n))
+    return None
+
+
+def _asked(sample: Sample, question: str, answer: str) -> Sample:
+    return Sample(sample.id + "-c", sample.image, question, [answer] * 10, sample.family, sample.objects)
 
 
 class SynthVQA:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.dense_scenes import make_dense_sample
-from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, make_sample
+from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, complement, make_sample
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
@@ -57,6 +57,7 @@ class TrainArgs:
     vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
     warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
+    complement_pairs: bool = False  # presence and count scenes come with a second question of another answer
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
@@ -125,6 +126,19 @@ class VisionProbe(nn.Module):
         asked = col > 0
         out["colour"] = (int(right_col[asked].sum()), int(asked.sum()))
         return out
+
+
+def task_batch(make, seed: int, step: int, size: int, pairs: bool) -> list:
+    """`size` samples of step `step`; with `pairs`, each complementable sample is followed by its complement."""
+    batch, i = [], 0
+    while len(batch) < size:
+        sample = make(seed, step * size + i)
+        batch.append(sample)
+        i += 1
+        other = complement(sample) if pairs and len(batch) < size else None
+        if other is not None:
+            batch.append(other)
+    return batch
 
 
 def vision_tokens(model, samples: list, tier: str) -> tuple[torch.Tensor, list]:
@@ -210,7 +224,7 @@ def train(args: TrainArgs) -> Path:
         tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
         warm_up = step < args.vision_steps
         make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else make_sample
-        batch = [make(train_seed, step * args.batch_size + i) for i in range(args.batch_size)]
+        batch = task_batch(make, train_seed, step, args.batch_size, args.complement_pairs and not warm_up)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         answers = None if warm_up else [s.answer for s in batch]
