@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from envs.vlm.train import WARMUP_SCENES, TrainArgs, train
+from envs.vlm.train import COMPLEMENT_PAIRS, WARMUP_SCENES, TrainArgs, train
 
 
 def parse(argv: list[str] | None) -> TrainArgs:
@@ -39,6 +39,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
         ap.error("--dense-aux-batch must be >= 0 and --probe-n >= 1")
     if args.warmup_scenes not in WARMUP_SCENES:
         ap.error(f"--warmup-scenes must be one of {WARMUP_SCENES}")
+    if args.complement_pairs not in COMPLEMENT_PAIRS:
+        ap.error(f"--complement-pairs must be one of {COMPLEMENT_PAIRS}")
     if args.reinit_vision and args.init is None:
         ap.error("--reinit-vision keeps the LLM of --init DIR: give --init")
     return args

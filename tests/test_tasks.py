@@ -46,17 +46,25 @@ def _small_present(sample, question: str) -> bool:
     return any(o.label == f"shape:{shape}" and o.colour == colour and o.size <= SMALL_SIZE for o in sample.objects)
 
 
-def test_complement_asks_the_same_scene_with_the_other_answer():
+@pytest.mark.parametrize("easy", [False, True])
+def test_complement_asks_the_same_scene_with_the_other_answer(easy):
     samples = list(SynthVQA(12, 200))
     for s in samples:
-        c = complement(s)
+        c = complement(s, easy)
         if s.family not in ("presence", "count"):
             assert c is None
             continue
         assert c.image is s.image and c.objects == s.objects and c.question != s.question
-        assert complement(s).question == c.question  # deterministic
+        assert complement(s, easy).question == c.question  # deterministic
         if s.family == "presence":
             assert {s.answer, c.answer} == {"yes", "no"}
+            if (
+                c.answer == "no"
+            ):  # a hard negative shares one attribute with a small object; an easy one never the colour
+                colour, shape = c.question.rstrip("?").split()[-2:]
+                small = [o for o in s.objects if o.size <= SMALL_SIZE]
+                shares = [o.colour == colour or o.label == f"shape:{shape}" for o in small]
+                assert not any(o.colour == colour for o in small) if easy else any(shares)
             # the annotation rule agrees with the generator's own answer and gives the complement's
             assert _small_present(s, s.question) == (s.answer == "yes")
             assert _small_present(c, c.question) == (c.answer == "yes")
@@ -69,14 +77,14 @@ def test_complement_asks_the_same_scene_with_the_other_answer():
 def test_task_batch_puts_each_complement_after_its_question():
     from envs.vlm.train import task_batch
 
-    plain = task_batch(make_sample, 0, 3, 32, pairs=False)
-    paired = task_batch(make_sample, 0, 3, 32, pairs=True)
+    plain = task_batch(make_sample, 0, 3, 32, pairs="none")
+    paired = task_batch(make_sample, 0, 3, 32, pairs="hard")
     assert len(plain) == len(paired) == 32 and [s.id for s in plain] == [f"synthvqa-0-{96 + i}" for i in range(32)]
     for prev, s in zip(paired[:-1], paired[1:], strict=True):
         if s.id.endswith("-c"):
             assert s.id == prev.id + "-c" and s.image is prev.image
     assert sum(s.id.endswith("-c") for s in paired) >= 8
-    assert [s.question for s in paired] == [s.question for s in task_batch(make_sample, 0, 3, 32, pairs=True)]
+    assert [s.question for s in paired] == [s.question for s in task_batch(make_sample, 0, 3, 32, pairs="hard")]
 
 
 def test_unknown_family():

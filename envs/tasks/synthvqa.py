@@ -211,14 +211,15 @@ def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
 SMALL_SIZE = 10.5  # the presence family's small objects are 10 px across (radius 5)
 
 
-def complement(sample: Sample) -> Sample | None:
+def complement(sample: Sample, easy: bool = False) -> Sample | None:
     """The same scene asked a question with another answer, or None where the family has none.
 
     Training aid in the spirit of VQAv2's balanced pairs: with both questions of a pair in one
     batch, an answer that ignores the question's words is wrong on one of them. Presence: ask about
-    a small object the scene holds when the answer was "no", else about a small object it lacks
-    (sharing the colour or the shape, as hard negatives do). Count: ask about another shape; the
-    answer is counted from the scene's annotation.
+    a small object the scene holds when the answer was "no", else about a small object it lacks:
+    sharing the colour or the shape (a hard negative, as the test questions have), or with `easy`,
+    sharing neither where the scene allows (else only the shape), so that checking one attribute
+    already pays. Count: ask about another shape; the answer is counted from the annotation.
     """
     rng = np.random.default_rng([zlib.crc32(sample.id.encode()), 7])  # stable across processes
     if sample.family == "presence":
@@ -228,7 +229,12 @@ def complement(sample: Sample) -> Sample | None:
             return _asked(sample, f"is there a small {colour} {shape}?", "yes")
         words = sample.question.rstrip("?").split()
         colour, shape = words[-2], words[-1]
-        options = [(s, colour) for s in SHAPES] + [(shape, c) for c in COLOURS]
+        if easy:
+            shapes = [x for x in SHAPES if x not in {s for s, _ in small}] or list(SHAPES)
+            colours = [c for c in COLOURS if c not in {c for _, c in small}]
+            options = [(x, c) for x in shapes for c in colours]
+        else:
+            options = [(x, colour) for x in SHAPES] + [(shape, c) for c in COLOURS]
         options = [o for o in options if o not in small]
         shape, colour = options[int(rng.integers(len(options)))]
         return _asked(sample, f"is there a small {colour} {shape}?", "no")

@@ -37,6 +37,7 @@ from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.ranking import compute_ranking
 
 WARMUP_SCENES = ("task", "dense")
+COMPLEMENT_PAIRS = ("none", "hard", "easy")  # see synthvqa.complement
 DENSE_AUX_OFFSET = 10_000_000  # dense-scene indices of joint steps, apart from the warm-up's
 
 
@@ -57,7 +58,9 @@ class TrainArgs:
     vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
     warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
-    complement_pairs: bool = False  # presence and count scenes come with a second question of another answer
+    complement_pairs: str = (
+        "none"  # none | hard | easy: presence and count scenes also asked a question of another answer
+    )
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
@@ -128,14 +131,15 @@ class VisionProbe(nn.Module):
         return out
 
 
-def task_batch(make, seed: int, step: int, size: int, pairs: bool) -> list:
-    """`size` samples of step `step`; with `pairs`, each complementable sample is followed by its complement."""
+def task_batch(make, seed: int, step: int, size: int, pairs: str = "none") -> list:
+    """`size` samples of step `step`; with `pairs` "hard" or "easy", each complementable sample is
+    followed by its complement (`synthvqa.complement`)."""
     batch, i = [], 0
     while len(batch) < size:
         sample = make(seed, step * size + i)
         batch.append(sample)
         i += 1
-        other = complement(sample) if pairs and len(batch) < size else None
+        other = complement(sample, pairs == "easy") if pairs != "none" and len(batch) < size else None
         if other is not None:
             batch.append(other)
     return batch
@@ -181,6 +185,8 @@ def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
 
 
 def train(args: TrainArgs) -> Path:
+    if args.complement_pairs not in COMPLEMENT_PAIRS:
+        raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {args.complement_pairs!r}")
     if args.warmup_scenes not in WARMUP_SCENES:
         raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {args.warmup_scenes!r}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +230,8 @@ def train(args: TrainArgs) -> Path:
         tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
         warm_up = step < args.vision_steps
         make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else make_sample
-        batch = task_batch(make, train_seed, step, args.batch_size, args.complement_pairs and not warm_up)
+        pairs = "none" if warm_up else args.complement_pairs
+        batch = task_batch(make, train_seed, step, args.batch_size, pairs)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         answers = None if warm_up else [s.answer for s in batch]
