@@ -39,6 +39,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
         ap.error("--dense-aux-batch must be >= 0 and --probe-n >= 1")
     if args.warmup_scenes not in WARMUP_SCENES:
         ap.error(f"--warmup-scenes must be one of {WARMUP_SCENES}")
+    if args.norm_cap < 0 or args.norm_weight < 0:
+        ap.error("--norm-cap and --norm-weight must be >= 0 (--norm-cap 0 turns the penalty off)")
     if args.complement_pairs not in COMPLEMENT_PAIRS:
         ap.error(f"--complement-pairs must be one of {COMPLEMENT_PAIRS}")
     if args.reinit_vision and args.init is None:

@@ -9,7 +9,7 @@ import torch
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
-from envs.vlm.train import TrainArgs, lr_at, sample_knobs, train
+from envs.vlm.train import AnswerNormPenalty, TrainArgs, lr_at, sample_knobs, train
 from scripts.eval_vlm import main as eval_main
 
 
@@ -122,6 +122,26 @@ def test_dense_aux_batch_adds_dense_scenes_to_the_joint_vision_loss(tmp_path, mo
     assert seen == []  # off by default
 
 
+def test_answer_norm_penalty_reads_only_answer_positions_above_the_cap():
+    class Prepared:  # position t predicts token t + 1: answers sit at positions 3-4 of row 0, 4 of row 1
+        targets = torch.tensor([[-100, -100, -100, 7, 8], [-100, -100, -100, -100, 9]])
+
+    d = 4
+    h = torch.ones(2, 5, d)  # RMS 1 everywhere
+    h[0, 2] = 30.0  # predicts row 0's first answer token: RMS 30
+    h[1, 0] = 1000.0  # a prompt position: never penalised
+    h.requires_grad_(True)
+    penalty = AnswerNormPenalty(Prepared(), cap=10.0)
+    penalty(0, None, h)
+    penalty(1, None, h * 0.1)  # RMS 3 at row 0's position 2: under the cap
+    # excesses at the three answer-predicting positions: (30 - 10) / 10 = 2, then 0, 0; layers averaged
+    assert penalty.value().item() == pytest.approx((4 / 3 + 0) / 2)
+    assert penalty.largest == pytest.approx(30.0)
+    penalty.value().backward()
+    touched = (h.grad.abs().sum(-1) > 0).nonzero().tolist()
+    assert touched == [[0, 2]]
+
+
 def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
     src = build_model("tiny", seed=3)
     save_model(src, tmp_path / "src")
@@ -143,6 +163,8 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
         ["--warmup-scenes", "mnist"],
         ["--dense-aux-batch", "-1"],
         ["--dense-aux-batch", "4", "--aux-weight", "0"],
+        ["--complement-pairs", "some"],
+        ["--norm-cap", "-1"],
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
@@ -151,3 +173,8 @@ def test_train_vlm_refuses_contradictory_flags(argv, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_train_refuses_an_unknown_complement_rule(tmp_path):
+    with pytest.raises(ValueError, match="complement_pairs"):
+        train(TrainArgs(out=tmp_path / "run", steps=1, complement_pairs="some"))

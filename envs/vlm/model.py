@@ -451,11 +451,11 @@ class KnobVLM(nn.Module):
         h = self._run(layers, prepared.embeds, self._positions(valid), valid, None, top_k, counts, on_layer)
         return self.logits(h)
 
-    def answer_loss(self, prepared: Prepared, layers: list[int], top_k: int) -> torch.Tensor:
+    def answer_loss(self, prepared: Prepared, layers: list[int], top_k: int, on_layer=None) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens (and <eos>) given image and question."""
         if prepared.targets is None:
             raise ValueError("prepare(..., answers=...) is needed for a teacher-forced loss")
-        logits = self.forward_logits(prepared, layers, top_k)
+        logits = self.forward_logits(prepared, layers, top_k, on_layer)
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
             prepared.targets[:, 1:].reshape(-1),

@@ -61,6 +61,8 @@ class TrainArgs:
     complement_pairs: str = (
         "none"  # none | hard | easy: presence and count scenes also asked a question of another answer
     )
+    norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
+    norm_weight: float = 0.1
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     seed: int = 0
     val_every: int = 250
@@ -129,6 +131,29 @@ class VisionProbe(nn.Module):
         asked = col > 0
         out["colour"] = (int(right_col[asked].sum()), int(asked.sum()))
         return out
+
+
+class AnswerNormPenalty:
+    """An `on_layer` hook: mean squared relative excess of the residual RMS over `cap` at the
+    positions that predict answer tokens, averaged over the layers run.
+
+    Why: the model had parked the answer position of the questions it could not yet answer
+    (presence, glyph, sum) in a huge constant state (RMS 150-400 against 8-50 for colour and count):
+    after the final norm the prediction is the answer prior whatever the image or question, and the
+    gradient of anything attention adds is divided by that norm, so those families never moved.
+    """
+
+    def __init__(self, prepared, cap: float):
+        self.where = prepared.targets[:, 1:] != -100  # position t predicts token t + 1
+        self.cap, self.terms, self.largest = cap, [], 0.0
+
+    def __call__(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        rms = h_out[:, :-1][self.where].float().norm(dim=-1) / math.sqrt(h_out.shape[-1])
+        self.terms.append((torch.relu(rms - self.cap) / self.cap).pow(2).mean())
+        self.largest = max(self.largest, float(rms.detach().max()))
+
+    def value(self) -> torch.Tensor:
+        return torch.stack(self.terms).mean()
 
 
 def task_batch(make, seed: int, step: int, size: int, pairs: str = "none") -> list:
@@ -246,9 +271,15 @@ def train(args: TrainArgs) -> Path:
         if warm_up:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
-            answer = model.answer_loss(prepared, layers, top_k)
+            norm = AnswerNormPenalty(prepared, args.norm_cap) if args.norm_cap > 0 else None
+            answer = model.answer_loss(prepared, layers, top_k, on_layer=norm)
             loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
             writer.add_scalar("train/loss", shown["answer"], step)
+            if norm is not None:
+                loss = loss + args.norm_weight * norm.value()
+                shown["norm"] = norm.value().item()
+                writer.add_scalar("train/norm_penalty", shown["norm"], step)
+                writer.add_scalar("train/answer_rms_max", norm.largest, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
