@@ -178,3 +178,18 @@ def test_train_vlm_refuses_contradictory_flags(argv, capsys):
 def test_train_refuses_an_unknown_complement_rule(tmp_path):
     with pytest.raises(ValueError, match="complement_pairs"):
         train(TrainArgs(out=tmp_path / "run", steps=1, complement_pairs="some"))
+
+
+def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene(tiny, monkeypatch, capsys):
+    import scripts.answer_state as answer_state
+    from envs.tasks.synthvqa import FAMILIES, make_sample
+
+    out = answer_state.main(["--n", "3", "--tier", "low", "--json"])
+    assert set(out) == set(FAMILIES) and set(json.loads(capsys.readouterr().out)) == set(FAMILIES)
+    assert all(len(s["rms"]) == len(s["spread"]) == 16 and min(s["rms"]) > 0 for s in out.values())
+    assert all(max(s["spread"]) > 1e-4 for s in out.values())  # three different scenes
+    monkeypatch.setattr(answer_state, "make_sample", lambda seed, i, fam: make_sample(seed, 0, fam))
+    same = answer_state.answer_state(tiny, "colour", 3, "low")
+    assert max(same["spread"]) < 1e-5
+    with pytest.raises(SystemExit):
+        answer_state.main(["--n", "1"])
