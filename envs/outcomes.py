@@ -165,6 +165,35 @@ def build_outcomes(model_spec: str, dataset: dict, out: str | Path, latency: dic
     return out
 
 
+def retime_outcomes(src: str | Path, out: str | Path, latency: dict) -> Path:
+    """A copy of the complete table SRC whose latencies come from another profile's latency model.
+
+    Rows record each request's own shapes (crops, prompt tokens, decode steps), so a new profile (a
+    quieter re-measurement, another machine) applies without running the model again; answers and
+    scores are copied unchanged.
+    """
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise ValueError("retime into another directory: the source table stays as it was measured")
+    meta = json.loads((src / META).read_text())
+    model = LatencyModel.from_dict(latency)
+    n_shards = (meta["n"] + meta["shard_size"] - 1) // meta["shard_size"]
+    rows = read_rows(src)  # raises on an incomplete table
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for i in range(n_shards):
+        shard = [
+            next(rows)
+            for _ in range(min(meta["shard_size"], meta["n"] - i * meta["shard_size"]) * len(meta["configs"]))
+        ]
+        for r in shard:
+            if r["status"] == "ok":
+                parts = model.predict(r["crops"], r["prompt_tokens"], r["top_k"], r["blocks"], r["decode_steps"])
+                r["latency_ms"] = {p: round(parts[p], 4) for p in (*PARTS, "total")}
+        write_shard(out, i, shard)
+    (out / META).write_text(json.dumps({**meta, "latency_model": latency}, indent=1))
+    return out
+
+
 def read_rows(out: str | Path):
     """All rows, sorted by (sample, config), streamed shard by shard."""
     out = Path(out)

@@ -2,6 +2,7 @@
 
     python scripts/build_outcomes.py --model tiny --seed 2 --n 1000 --out outcomes/test \
         [--profile FILE] [--executor local|ray] [--export table.jsonl]
+    python scripts/build_outcomes.py --retime outcomes/test --profile FILE --out outcomes/test_retimed
 
 Also packs the table into OUT/table.npz, the compact form replay environments read.
 Resumable: killing it at any moment and running the same command again completes the table with
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from envs.oracle import pareto_plot
-from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl
+from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl, retime_outcomes
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import EMBEDDED
 from envs.vlm.errors import CheckpointError
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--export", type=Path, help="also write the table as sorted JSONL rows")
+    ap.add_argument("--retime", type=Path, metavar="SRC", help="copy the table SRC with --profile's latencies")
     args = ap.parse_args(argv)
+    if args.retime is not None:
+        return retime(args)
     if args.seed is None and args.manifest is None:
         ap.error("give --seed (SynthVQA) or --manifest")
     if args.n <= 0 or args.shard_size <= 0:
@@ -83,6 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         export_jsonl(args.out, args.export)
     print(f"{table.ok.sum()} samples ok, {(~table.ok).sum()} failed; wrote {args.out}")
+    return 0
+
+
+def retime(args) -> int:
+    import json
+
+    if args.profile is None or not args.profile.is_file():
+        print(
+            "error: --retime needs --profile FILE (a latency profile from scripts/profile_latency.py)", file=sys.stderr
+        )
+        return 2
+    try:
+        retime_outcomes(args.retime, args.out, json.loads(args.profile.read_text())["model"])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = OutcomeTable.load(args.out)
+    table.save_npz(args.out / "table.npz")
+    pareto_plot(table.valid(), args.out / "pareto.png", f"{args.out.name} (retimed)")
+    print(f"retimed {args.retime} with {args.profile}; wrote {args.out}")
     return 0
 
 

@@ -20,7 +20,7 @@ from envs.oracle import (
     pareto_front,
     random_feasible_configs,
 )
-from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples, export_jsonl, read_rows
+from envs.outcomes import OutcomeTable, build_outcomes, dataset_samples, export_jsonl, read_rows, retime_outcomes
 from envs.tasks.data import export_manifest
 from envs.tasks.synthvqa import SynthVQA, dataset_spec
 from envs.vlm.checkpoint import build_model, save_model
@@ -83,6 +83,27 @@ def test_table_rows_scores_and_latency(model_dir, tmp_path):
     np.testing.assert_allclose(packed.parts, table.parts, rtol=1e-3)
     export = export_jsonl(out, tmp_path / "rows.jsonl").read_text().splitlines()
     assert [json.loads(x)["config"] for x in export[:4]] == [0, 1, 2, 3]
+
+
+def test_retime_applies_another_profile_without_touching_answers(model_dir, tmp_path):
+    src = build_outcomes(model_dir, _dataset(5), tmp_path / "t", fake_latency(), CONFIGS, shard_size=2,
+                         batch_size=3, progress=False)  # fmt: skip
+    slower = fake_latency()
+    slower["decode_per_token"] = {kb: 2 * v for kb, v in slower["decode_per_token"].items()}
+    out = retime_outcomes(src, tmp_path / "r", slower)
+    a, b = OutcomeTable.load(src), OutcomeTable.load(out)
+    assert np.array_equal(a.score, b.score) and a.sample_ids == b.sample_ids
+    decode = PARTS.index("decode")
+    np.testing.assert_allclose(b.parts[..., decode], 2 * a.parts[..., decode], rtol=1e-3)
+    np.testing.assert_allclose(b.latency - a.latency, a.parts[..., decode], atol=1e-3)
+    assert json.loads((out / "meta.json").read_text())["latency_model"] == json.loads(json.dumps(slower))
+    same = OutcomeTable.load(retime_outcomes(src, tmp_path / "same", fake_latency()))
+    assert np.array_equal(same.latency, a.latency)
+    with pytest.raises(ValueError, match="another directory"):
+        retime_outcomes(src, src, slower)
+    (src / "shards" / "shard_00001.jsonl").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        retime_outcomes(src, tmp_path / "r2", slower)
 
 
 def test_bad_sample_is_recorded_and_does_not_stop_the_sweep(model_dir, tmp_path):
