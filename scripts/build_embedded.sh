@@ -10,7 +10,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
   # (all on this 2-core CPU): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training, dense scenes kept in the vision loss. (The shipped run of stage 4
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
   # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
@@ -23,7 +23,12 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   stage runs/tiny_vlm_dense_warmup --init runs/tiny_vlm_aux/model --steps 1500 --vision-steps 1500 \
     --warmup-scenes dense --tier-weights 1 1 2 --val-every 250 --val-n 50 --ranking-n 32
   stage runs/tiny_vlm_joint --init runs/tiny_vlm_dense_warmup/model --steps 1800 --full-steps 600 --val-every 300 --val-n 150 \
-    --dense-aux-batch 8 --ship "$W"
+    --dense-aux-batch 8
+  # 5. the answer-position norm cap and complementary question pairs (README: why presence, glyph and
+  # sum were stuck). Changed while it ran: steps 0-300 hard pairs without the cap, 300-550 easy pairs,
+  # 550-750 cap 50, then cap 20; the schedule was 1500 steps until step 1050, then 2200.
+  stage runs/tiny_vlm_pairs --init runs/tiny_vlm_joint/model --steps 2200 --full-steps 300 --lr 1e-3 --warmup 50 \
+    --val-every 300 --val-n 150 --dense-aux-batch 8 --complement-pairs easy --norm-cap 20 --ship "$W"
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"
