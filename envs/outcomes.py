@@ -173,12 +173,15 @@ def retime_outcomes(src: str | Path, out: str | Path, latency: dict) -> Path:
     scores are copied unchanged.
     """
     src, out = Path(src), Path(out)
-    if src.resolve() == out.resolve():
-        raise ValueError("retime into another directory: the source table stays as it was measured")
+    if (out / META).exists():
+        raise ValueError(f"retime into a new directory: {out} already holds a table")
     meta = json.loads((src / META).read_text())
     model = LatencyModel.from_dict(latency)
     n_shards = (meta["n"] + meta["shard_size"] - 1) // meta["shard_size"]
-    rows = read_rows(src)  # raises on an incomplete table
+    missing = [i for i in range(n_shards) if not shard_path(src, i).exists()]
+    if missing:
+        raise ValueError(f"{src} is incomplete: shard {missing[0]} is missing; finish building it first")
+    rows = read_rows(src)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     for i in range(n_shards):
         shard = [

@@ -99,11 +99,13 @@ def test_retime_applies_another_profile_without_touching_answers(model_dir, tmp_
     assert json.loads((out / "meta.json").read_text())["latency_model"] == json.loads(json.dumps(slower))
     same = OutcomeTable.load(retime_outcomes(src, tmp_path / "same", fake_latency()))
     assert np.array_equal(same.latency, a.latency)
-    with pytest.raises(ValueError, match="another directory"):
-        retime_outcomes(src, src, slower)
+    for taken in (src, out):
+        with pytest.raises(ValueError, match="new directory"):
+            retime_outcomes(src, taken, slower)
     (src / "shards" / "shard_00001.jsonl").unlink()
     with pytest.raises(ValueError, match="incomplete"):
         retime_outcomes(src, tmp_path / "r2", slower)
+    assert not (tmp_path / "r2").exists()  # refused before anything is written
 
 
 def test_bad_sample_is_recorded_and_does_not_stop_the_sweep(model_dir, tmp_path):

@@ -58,9 +58,7 @@ class TrainArgs:
     vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
     warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
-    complement_pairs: str = (
-        "none"  # none | hard | easy: presence and count scenes also asked a question of another answer
-    )
+    complement_pairs: str = "none"  # none | hard | easy: see synthvqa.complement
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
@@ -138,7 +136,7 @@ class AnswerNormPenalty:
     positions that predict answer tokens, averaged over the layers run.
 
     Why: the model had parked the answer position of the questions it could not yet answer
-    (presence, glyph, sum) in a huge constant state (RMS 150-400 against 8-50 for colour and count):
+    (presence, glyph, sum) in a huge constant state (RMS 130-360 against 20-45 for colour and count):
     after the final norm the prediction is the answer prior whatever the image or question, and the
     gradient of anything attention adds is divided by that norm, so those families never moved.
     """
@@ -276,8 +274,9 @@ def train(args: TrainArgs) -> Path:
             loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
             writer.add_scalar("train/loss", shown["answer"], step)
             if norm is not None:
-                loss = loss + args.norm_weight * norm.value()
-                shown["norm"] = norm.value().item()
+                penalty = norm.value()
+                loss = loss + args.norm_weight * penalty
+                shown["norm"] = penalty.item()
                 writer.add_scalar("train/norm_penalty", shown["norm"], step)
                 writer.add_scalar("train/answer_rms_max", norm.largest, step)
         opt.zero_grad(set_to_none=True)
