@@ -92,20 +92,31 @@ def run_shard(model_spec: str, dataset: dict, start: int, stop: int, configs: Se
         c = configs[j]
         for n, i in enumerate(idx):
             s = samples[i]
-            parts = latency_model.predict(
-                prepared.n_crops[n], prepared.prompt_tokens[n], c.top_k, c.blocks, gen.decode_steps[n]
+            latency_ms = row_latency(
+                latency_model, prepared.n_crops[n], prepared.prompt_tokens[n], c.top_k, c.blocks, gen.decode_steps[n]
             )
             rows[(start + i, j)] = {
                 "sample": start + i, "sample_id": s.id, "family": s.family, "config": j, "tier": c.tier,
                 "top_k": c.top_k, "blocks": c.blocks, "status": "ok", "answer": gen.answers[n],
                 "score": vqa_soft_accuracy(gen.answers[n], s.answers), "exact": exact_match(gen.answers[n], s.answers),
                 "crops": prepared.n_crops[n], "prompt_tokens": prepared.prompt_tokens[n],
-                "decode_steps": gen.decode_steps[n], "latency_ms": {p: round(parts[p], 4) for p in (*PARTS, "total")},
+                "decode_steps": gen.decode_steps[n], "latency_ms": latency_ms,
             }  # fmt: skip
     return [rows[k] for k in sorted(rows)]
 
 
+def row_latency(latency_model: LatencyModel, crops: int, prompt_tokens: int, top_k: int, blocks: int,
+                decode_steps: int) -> dict[str, float]:  # fmt: skip
+    """A row's `latency_ms`: the latency model's parts and total for the request's own shapes."""
+    parts = latency_model.predict(crops, prompt_tokens, top_k, blocks, decode_steps)
+    return {p: round(parts[p], 4) for p in (*PARTS, "total")}
+
+
 # ---------------------------------------------------------------------------------------------- the table
+def n_shards(meta: dict) -> int:
+    return (meta["n"] + meta["shard_size"] - 1) // meta["shard_size"]
+
+
 def shard_path(out: Path, i: int) -> Path:
     return out / "shards" / f"shard_{i:05d}.jsonl"
 
@@ -140,7 +151,7 @@ def build_outcomes(model_spec: str, dataset: dict, out: str | Path, latency: dic
         (out / META).write_text(json.dumps(meta, indent=1))
     for stale in (out / "shards").glob(".*.tmp"):
         stale.unlink()  # torn writes of a killed run
-    todo = [i for i in range((n + shard_size - 1) // shard_size) if not shard_path(out, i).exists()]
+    todo = [i for i in range(n_shards(meta)) if not shard_path(out, i).exists()]
     ranges = [(i, i * shard_size, min(n, (i + 1) * shard_size)) for i in todo]
     if executor == "local":
         for i, a, b in tqdm(ranges, desc="outcome shards", disable=not progress):
@@ -177,21 +188,16 @@ def retime_outcomes(src: str | Path, out: str | Path, latency: dict) -> Path:
         raise ValueError(f"retime into a new directory: {out} already holds a table")
     meta = json.loads((src / META).read_text())
     model = LatencyModel.from_dict(latency)
-    n_shards = (meta["n"] + meta["shard_size"] - 1) // meta["shard_size"]
-    missing = [i for i in range(n_shards) if not shard_path(src, i).exists()]
+    missing = [i for i in range(n_shards(meta)) if not shard_path(src, i).exists()]
     if missing:
         raise ValueError(f"{src} is incomplete: shard {missing[0]} is missing; finish building it first")
-    rows = read_rows(src)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    for i in range(n_shards):
-        shard = [
-            next(rows)
-            for _ in range(min(meta["shard_size"], meta["n"] - i * meta["shard_size"]) * len(meta["configs"]))
-        ]
+    for i in range(n_shards(meta)):
+        shard = list(read_shard(src, i))
         for r in shard:
             if r["status"] == "ok":
-                parts = model.predict(r["crops"], r["prompt_tokens"], r["top_k"], r["blocks"], r["decode_steps"])
-                r["latency_ms"] = {p: round(parts[p], 4) for p in (*PARTS, "total")}
+                keys = ("crops", "prompt_tokens", "top_k", "blocks", "decode_steps")
+                r["latency_ms"] = row_latency(model, *(r[k] for k in keys))
         write_shard(out, i, shard)
     (out / META).write_text(json.dumps({**meta, "latency_model": latency}, indent=1))
     return out
@@ -201,14 +207,16 @@ def read_rows(out: str | Path):
     """All rows, sorted by (sample, config), streamed shard by shard."""
     out = Path(out)
     meta = json.loads((out / META).read_text())
-    n_shards = (meta["n"] + meta["shard_size"] - 1) // meta["shard_size"]
-    for i in range(n_shards):
-        path = shard_path(out, i)
-        if not path.exists():
+    for i in range(n_shards(meta)):
+        if not shard_path(out, i).exists():
             raise ValueError(f"{out} is incomplete: shard {i} is missing; run the build command again")
-        with path.open() as f:
-            for line in f:
-                yield json.loads(line)
+        yield from read_shard(out, i)
+
+
+def read_shard(out: Path, i: int):
+    with shard_path(out, i).open() as f:
+        for line in f:
+            yield json.loads(line)
 
 
 def export_jsonl(out: str | Path, path: str | Path) -> Path:
