@@ -19,6 +19,7 @@ import torch
 
 from envs.tasks.synthvqa import FAMILIES, SPLIT_SEEDS, make_sample
 from envs.vlm.checkpoint import load_model
+from envs.vlm.errors import CheckpointError
 from envs.vlm.presets import TIERS
 
 
@@ -47,9 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.n < 2:
         ap.error("--n must be >= 2 (the spread is a standard deviation over scenes)")
-    model = load_model(args.model)
-    if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
+    try:
+        model = load_model(args.model)
+        if args.checkpoint:
+            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
+    except (CheckpointError, OSError) as e:
+        ap.error(str(e))
+    except (KeyError, RuntimeError) as e:  # not a train_vlm.py checkpoint, or one of another preset's shapes
+        ap.error(f"{args.checkpoint} is not a train_vlm.py checkpoint of {args.model}: {str(e).splitlines()[0]}")
     model = model.float().eval()
     out = {fam: answer_state(model, fam, args.n, args.tier) for fam in FAMILIES}
     if args.json:

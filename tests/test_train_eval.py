@@ -180,7 +180,7 @@ def test_train_refuses_an_unknown_complement_rule(tmp_path):
         train(TrainArgs(out=tmp_path / "run", steps=1, complement_pairs="some"))
 
 
-def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene(tiny, monkeypatch, capsys):
+def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene(tiny, monkeypatch, capsys, tmp_path):
     import scripts.answer_state as answer_state
     from envs.tasks.synthvqa import FAMILIES, make_sample
 
@@ -191,5 +191,11 @@ def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene
     monkeypatch.setattr(answer_state, "make_sample", lambda seed, i, fam: make_sample(seed, 0, fam))
     same = answer_state.answer_state(tiny, "colour", 3, "low")
     assert max(same["spread"]) < 1e-5
+    for argv in (["--n", "1"], ["--model", str(tmp_path / "none")], ["--checkpoint", str(tmp_path / "none.pt")]):
+        with pytest.raises(SystemExit):
+            answer_state.main(argv)
+        assert "error:" in capsys.readouterr().err
+    torch.save({"model": {"lm_head.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit):
-        answer_state.main(["--n", "1"])
+        answer_state.main(["--checkpoint", str(tmp_path / "other.pt")])
+    assert "not a train_vlm.py checkpoint" in capsys.readouterr().err
