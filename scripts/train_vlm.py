@@ -13,6 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
+from envs.tasks.synthvqa import FAMILIES
 from envs.vlm.train import COMPLEMENT_PAIRS, WARMUP_SCENES, TrainArgs, train
 
 
@@ -23,6 +24,9 @@ def parse(argv: list[str] | None) -> TrainArgs:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "tier_weights":
             ap.add_argument(flag, type=float, nargs=3, default=f.default, metavar=("LOW", "MED", "HIGH"))
+        elif f.name == "family_weights":
+            names = tuple(n.upper() for n in FAMILIES)
+            ap.add_argument(flag, type=float, nargs=len(FAMILIES), default=f.default, metavar=names)
         elif hints[f.name] is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif hints[f.name] in (Path, Path | None):
@@ -30,7 +34,7 @@ def parse(argv: list[str] | None) -> TrainArgs:
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
     ns = ap.parse_args(argv)
-    args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights)})
+    args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights), "family_weights": tuple(ns.family_weights)})
     if args.steps <= 0 or args.batch_size <= 0:
         ap.error("--steps and --batch-size must be positive")
     if (args.vision_steps > 0 or args.dense_aux_batch > 0) and args.aux_weight <= 0:
@@ -43,6 +47,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
         ap.error("--norm-cap and --norm-weight must be >= 0 (--norm-cap 0 turns the penalty off)")
     if args.complement_pairs not in COMPLEMENT_PAIRS:
         ap.error(f"--complement-pairs must be one of {COMPLEMENT_PAIRS}")
+    if min(args.family_weights) < 0 or sum(args.family_weights) <= 0:
+        ap.error("--family-weights must be >= 0 with a positive sum")
     if args.reinit_vision and args.init is None:
         ap.error("--reinit-vision keeps the LLM of --init DIR: give --init")
     return args

@@ -9,7 +9,7 @@ import torch
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
-from envs.vlm.train import AnswerNormPenalty, TrainArgs, lr_at, sample_knobs, train
+from envs.vlm.train import AnswerNormPenalty, TrainArgs, family_mix, lr_at, sample_knobs, train
 from scripts.eval_vlm import main as eval_main
 
 
@@ -165,6 +165,9 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
         ["--dense-aux-batch", "4", "--aux-weight", "0"],
         ["--complement-pairs", "some"],
         ["--norm-cap", "-1"],
+        ["--family-weights", "1", "1", "-1", "1", "1"],
+        ["--family-weights", "0", "0", "0", "0", "0"],
+        ["--family-weights", "1", "1"],
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
@@ -173,6 +176,23 @@ def test_train_vlm_refuses_contradictory_flags(argv, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_family_mix_draws_families_by_weight_and_keeps_the_cycle_when_equal():
+    from collections import Counter
+
+    from envs.tasks.synthvqa import FAMILIES, make_sample
+
+    assert family_mix((2.0,) * len(FAMILIES)) is make_sample  # a balanced batch, as every split has
+    make = family_mix((1.0, 0.0, 3.0, 0.0, 0.0))  # colour : glyph = 1 : 3, nothing else
+    drawn = Counter(make(0, i).family for i in range(800))
+    assert set(drawn) == {"colour", "glyph"} and 0.70 < drawn["glyph"] / 800 < 0.80
+    assert make(0, 5).question == make(0, 5).question  # a pure function of (seed, index)
+    only = family_mix((0.0, 0.0, 0.0, 0.0, 1.0))
+    assert {only(3, i).family for i in range(20)} == {"sum"}
+    for bad in ((1.0, 1.0), (1.0, -1.0, 1.0, 1.0, 1.0), (0.0,) * 5):
+        with pytest.raises(ValueError, match="family_weights"):
+            family_mix(bad)
 
 
 def test_train_refuses_an_unknown_complement_rule(tmp_path):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.dense_scenes import make_dense_sample
-from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, complement, make_sample
+from envs.tasks.synthvqa import FAMILIES, SPLIT_SEEDS, SynthVQA, complement, make_sample
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
@@ -62,6 +62,7 @@ class TrainArgs:
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
+    family_weights: tuple[float, ...] = (1.0,) * len(FAMILIES)  # task mix, in FAMILIES order; equal: cycle
     seed: int = 0
     val_every: int = 250
     val_n: int = 250
@@ -154,6 +155,28 @@ class AnswerNormPenalty:
         return torch.stack(self.terms).mean()
 
 
+def family_mix(weights: tuple[float, ...]):
+    """A `make(seed, index)` drawing each sample's family with these weights (FAMILIES order).
+
+    Equal weights keep `make_sample`'s cycle (a balanced batch, as every split has). Unequal ones
+    spend more of the batch on families still being learned: a glyph question is only answerable
+    at the high tier, so a balanced batch holds about two useful ones.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(FAMILIES),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(
+            f"family_weights needs {len(FAMILIES)} non-negative weights ({', '.join(FAMILIES)}), got {weights}"
+        )
+    if np.all(w == w[0]):
+        return make_sample
+
+    def make(seed: int, index: int):
+        family = FAMILIES[int(np.random.default_rng([seed, index, 77]).choice(len(w), p=w / w.sum()))]
+        return make_sample(seed, index, family)
+
+    return make
+
+
 def task_batch(make, seed: int, step: int, size: int, pairs: str = "none") -> list:
     """`size` samples of step `step`; with `pairs` "hard" or "easy", each complementable sample is
     followed by its complement (`synthvqa.complement`)."""
@@ -212,6 +235,7 @@ def train(args: TrainArgs) -> Path:
         raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {args.complement_pairs!r}")
     if args.warmup_scenes not in WARMUP_SCENES:
         raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {args.warmup_scenes!r}")
+    task_sample = family_mix(args.family_weights)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
     model = build_model(args.preset, seed=args.seed)
@@ -252,7 +276,7 @@ def train(args: TrainArgs) -> Path:
         rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
         tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
         warm_up = step < args.vision_steps
-        make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else make_sample
+        make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else task_sample
         pairs = "none" if warm_up else args.complement_pairs
         batch = task_batch(make, train_seed, step, args.batch_size, pairs)
         for g in opt.param_groups:
