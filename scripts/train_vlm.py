@@ -37,6 +37,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
     args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights), "family_weights": tuple(ns.family_weights)})
     if args.steps <= 0 or args.batch_size <= 0:
         ap.error("--steps and --batch-size must be positive")
+    if not 0 <= args.stop_at <= args.steps:
+        ap.error("--stop-at must lie between 0 (off) and --steps")
     if (args.vision_steps > 0 or args.dense_aux_batch > 0) and args.aux_weight <= 0:
         ap.error("--vision-steps and --dense-aux-batch train on the dense vision loss: they need --aux-weight > 0")
     if args.dense_aux_batch < 0 or args.probe_n < 1:

@@ -168,6 +168,7 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
         ["--family-weights", "1", "1", "-1", "1", "1"],
         ["--family-weights", "0", "0", "0", "0", "0"],
         ["--family-weights", "1", "1"],
+        ["--steps", "10", "--stop-at", "11"],
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
@@ -193,6 +194,17 @@ def test_family_mix_draws_families_by_weight_and_keeps_the_cycle_when_equal():
     for bad in ((1.0, 1.0), (1.0, -1.0, 1.0, 1.0, 1.0), (0.0,) * 5):
         with pytest.raises(ValueError, match="family_weights"):
             family_mix(bad)
+
+
+def test_stop_at_ends_early_on_the_full_schedule_and_saves(tmp_path):
+    common = dict(batch_size=2, val_every=1000, val_n=3, probe_n=2, ranking_n=3, ckpt_every=50)
+    out = train(TrainArgs(out=tmp_path / "run", steps=10, stop_at=2, warmup=1, **common))
+    assert (out / "model.safetensors").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+    args = TrainArgs(steps=10, warmup=1)
+    assert lr_at(1, args) > lr_at(2, TrainArgs(steps=2, warmup=1))  # the schedule spans all 10 steps
+    with pytest.raises(ValueError, match="stop_at"):
+        train(TrainArgs(out=tmp_path / "bad", steps=2, stop_at=3))
 
 
 def test_train_refuses_an_unknown_complement_rule(tmp_path):

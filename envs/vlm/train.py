@@ -46,6 +46,7 @@ class TrainArgs:
     out: Path = Path("runs/tiny_vlm")
     preset: str = "tiny"
     steps: int = 3000
+    stop_at: int = 0  # > 0: end (rank, save) after this many steps; the lr schedule still spans `steps`
     batch_size: int = 32
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -233,6 +234,8 @@ def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
 def train(args: TrainArgs) -> Path:
     if args.complement_pairs not in COMPLEMENT_PAIRS:
         raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {args.complement_pairs!r}")
+    if not 0 <= args.stop_at <= args.steps:
+        raise ValueError(f"stop_at must lie in 0..steps ({args.steps}), got {args.stop_at}")
     if args.warmup_scenes not in WARMUP_SCENES:
         raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {args.warmup_scenes!r}")
     task_sample = family_mix(args.family_weights)
@@ -271,7 +274,8 @@ def train(args: TrainArgs) -> Path:
     train_seed = SPLIT_SEEDS["train"]
     val = list(SynthVQA(SPLIT_SEEDS["val"], args.val_n))
     t0 = time.time()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
+    end = args.stop_at or args.steps
+    bar = tqdm(range(start, end), initial=start, total=end, desc="train")
     for step in bar:
         rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
         tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
@@ -313,9 +317,9 @@ def train(args: TrainArgs) -> Path:
         writer.add_scalar("train/grad_norm", float(gnorm), step)
         writer.add_scalar("train/lr", lr_at(step, args), step)
         writer.add_scalar("train/depth", len(layers), step)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
             save_checkpoint(ckpt, model, probe, opt, step + 1)
-        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.val_every == 0 or step + 1 == end:
             model.eval()
             for t, groups in probe_report(model, probe, val[: args.probe_n]).items():
                 for group, acc in groups.items():
@@ -331,7 +335,7 @@ def train(args: TrainArgs) -> Path:
                         writer.add_scalar(f"val_family/{tag}/{fam}", acc, step + 1)
                     tqdm.write(f"step {step + 1} {tag}: {row['accuracy']:.3f} {json.dumps(row['by_family'])}")
             model.train()
-    writer.add_scalar("train/minutes", (time.time() - t0) / 60, args.steps)
+    writer.add_scalar("train/minutes", (time.time() - t0) / 60, end)
     writer.close()
 
     model.eval()
