@@ -10,7 +10,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
   # (all on this 2-core CPU): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5. see below. (The shipped run of stage 4
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-7. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
   # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
@@ -28,7 +28,17 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # sum were stuck). Changed while it ran: steps 0-300 hard pairs without the cap, 300-550 easy pairs,
   # 550-750 cap 50, then cap 20; the schedule was 1500 steps until step 1050, then 2200.
   stage runs/tiny_vlm_pairs --init runs/tiny_vlm_joint/model --steps 2200 --full-steps 300 --lr 1e-3 --warmup 50 \
-    --val-every 300 --val-n 150 --dense-aux-batch 8 --complement-pairs easy --norm-cap 20 --ship "$W"
+    --val-every 300 --val-n 150 --dense-aux-batch 8 --complement-pairs easy --norm-cap 20
+  # 6. SynthVQA version 3 (16 px capital letters): 450 vision-only steps on dense scenes, then joint steps
+  # weighted towards glyph, sum and the high tier. The shipped run was stopped at step 1100 by hand;
+  # stage 7 started from that checkpoint's float32 weights (this line saves them in float16).
+  stage runs/tiny_vlm_caps --init runs/tiny_vlm_pairs/model --steps 1500 --stop-at 1100 --vision-steps 450 \
+    --warmup-scenes dense --full-steps 0 --lr 7e-4 --warmup 50 --val-every 350 --val-n 150 --dense-aux-batch 8 \
+    --complement-pairs easy --norm-cap 20 --family-weights 0.5 1 3 1 1.5 --tier-weights 0.6 1 1.4
+  # 7. glyph-focused: mostly glyph questions at the high tier, smaller batches, the full config half the time.
+  stage runs/tiny_vlm_glyphfocus --init runs/tiny_vlm_caps/model --steps 900 --batch-size 16 --full-steps 0 \
+    --p-full 0.5 --lr 7e-4 --warmup 30 --val-every 300 --val-n 150 --dense-aux-batch 4 --complement-pairs easy \
+    --norm-cap 20 --family-weights 0.3 0.5 6 0.5 0.7 --tier-weights 0.2 0.3 2 --ship "$W"
 fi
 python scripts/profile_latency.py --model tiny --device cpu --out "$W/latency_cpu.json"
 mkdir -p "$W/outcomes"

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.dense_scenes import make_dense_sample
-from envs.tasks.synthvqa import DIGIT_PT, GLYPH_PT, SceneObject, _font, make_sample
+from envs.tasks.synthvqa import DIGIT_PT, GLYPH_PT, SceneObject, _font, make_sample, shown_glyph
 from envs.vlm.crops import make_crops
 from envs.vlm.presets import get_preset
 from envs.vlm.train import VisionProbe
@@ -141,11 +141,11 @@ def test_dense_scenes_are_deterministic_packed_and_use_the_task_sizes():
     assert per_image > 4 * sum(len(s.objects) for s in task) / 20  # many more labelled objects per image
     for s in dense:
         assert all(o.label in CLASSES and o.colour in COLOUR_CLASSES for o in s.objects)
-        for o in s.objects:  # glyphs at the sizes the questions use: 7 px letters, 40 pt digits
+        for o in s.objects:  # glyphs at the sizes the questions use: 16 px capitals, 40 pt digits
             kind, char = o.label.split(":")
             if kind != "shape":
                 left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox(
-                    (0, 0), char, font=_font(GLYPH_PT if kind == "letter" else DIGIT_PT)
+                    (0, 0), shown_glyph(char), font=_font(GLYPH_PT if kind == "letter" else DIGIT_PT)
                 )
                 assert o.size == max(right - left, bottom - top)
     labels, _ = _targets(dense[0], "high")

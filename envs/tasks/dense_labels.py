@@ -5,8 +5,8 @@ from-scratch vision encoder learns slowly. Since the generator knows what it dre
 pooled vision token can also be told what it shows (object class and colour): a detection-style
 auxiliary loss on the connector output. Targets follow the crop geometry, so a token is only
 asked about an object that is legible at its crop's scale; an illegible one is ignored rather
-than called "none", which keeps the tier knob meaningful (7 px letters are legible only at the
-high tier, 10 px shapes from the medium tier up).
+than called "none", which keeps the tier knob meaningful (16 px capitals are asked about at the
+high tier, and at the medium tier only the wide M and W; 10 px shapes from the medium tier up).
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ CLASSES = (
 )
 COLOUR_CLASSES = ("none", *COLOURS)
 MIN_LEGIBLE_PX = 6.0  # an object smaller than this on the crop's pixels is not asked about
+MIN_LEGIBLE_LETTER_PX = 13.0  # most of a 16 px token: capitals at native size; at 0.7x (medium) only M and W
+
+
+def _min_px(o: SceneObject, min_px: float) -> float:
+    return max(min_px, MIN_LEGIBLE_LETTER_PX) if o.label.startswith("letter:") else min_px
 
 
 def token_targets(
@@ -50,13 +55,13 @@ def token_targets(
                 centred = [o for o in objects if y0 <= o.cy < y0 + th and x0 <= o.cx < x0 + tw]
                 yc, xc = y0 + th / 2, x0 + tw / 2
                 covering = [o for o in objects if abs(o.cy - yc) <= o.size / 2 and abs(o.cx - xc) <= o.size / 2]
-                if any(o.size * scale < min_px for o in centred):
+                if any(o.size * scale < _min_px(o, min_px) for o in centred):
                     cls[v, i, j] = col[v, i, j] = IGNORE
                     continue
                 chosen = max(centred or covering, key=lambda o: o.size, default=None)
                 if chosen is None:
                     continue
-                if chosen.size * scale < min_px:
+                if chosen.size * scale < _min_px(chosen, min_px):
                     cls[v, i, j] = col[v, i, j] = IGNORE
                     continue
                 col[v, i, j] = COLOUR_CLASSES.index(chosen.colour)

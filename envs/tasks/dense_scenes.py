@@ -2,7 +2,7 @@
 
 A task scene holds 3 to 7 objects, so most vision tokens show nothing and one warm-up batch sees
 only a few examples of each letter or digit. These scenes fill the canvas with the same objects at
-the same sizes and colours as the task families (7 px letters, 40 pt digits, small, mid and large
+the same sizes and colours as the task families (16 px capital letters, 40 pt digits, small, mid and large
 shapes), so each image labels many more tokens through `dense_labels.token_targets`. They carry no
 question: they never reach the LLM and never appear in a task split or outcome table.
 """
