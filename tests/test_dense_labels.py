@@ -81,6 +81,16 @@ def test_small_letters_are_asked_about_only_at_the_high_tier():
         assert not letters & set(labels) and "ignore" in labels  # illegible: ignored, never "none"
 
 
+def test_letters_need_13_px_on_the_crop_whatever_the_general_threshold():
+    crops = make_crops(Image.new("RGB", (160, 160), "white"), MAX_CROPS["medium"], VISION)  # tiles at 0.7x
+    letters = (SceneObject("letter:a", "black", 40.0, 40.0, 16.0), SceneObject("letter:w", "blue", 40.0, 120.0, 21.0))
+    labels = [CLASSES[c] if c != IGNORE else "ignore" for c in token_targets(letters, crops, 4)[0]]
+    assert "letter:w" in labels and "letter:a" not in labels  # 21 px -> 14.7 px asked; 16 px -> 11.2 px not
+    assert labels[:16].count("ignore") == 2  # the global view (0.4x) asks about neither
+    high = make_crops(Image.new("RGB", (160, 160), "white"), MAX_CROPS["high"], VISION)
+    assert {"letter:a", "letter:w"} <= {CLASSES[c] for c in token_targets(letters, high, 4)[0] if c != IGNORE}
+
+
 def test_large_digits_are_legible_from_the_global_view_and_colours_follow_classes():
     digits = next(s for i in range(10) if (s := make_sample(0, i)).family == "sum")
     labels, col = _targets(digits, "low")

@@ -56,7 +56,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def shown_glyph(text: str) -> str:
-    """What is drawn for a glyph: capitals, which stay distinct at small sizes better than lower case."""
+    """What is drawn for a glyph: its capital (every letter 15-16 px tall at GLYPH_PT; lower case mixes
+    x-height letters with taller ones)."""
     return text.upper()
 
 
