@@ -49,7 +49,7 @@ class Args:
     penalty_weight: float = 1.0
     bc_episodes: int = 3000
     bc_epochs: int = 15
-    ppo_steps: int = 16384
+    ppo_steps: int = 65536
     n_envs: int = 8
     eval_episodes: int = 500
     learning_rate: float = 1e-4
