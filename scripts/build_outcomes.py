@@ -13,6 +13,7 @@ exactly the rows a clean run gives. `--executor ray` runs shards as Ray tasks on
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,9 +33,28 @@ def default_profile(model: str) -> Path:
     return (EMBEDDED / model if model in PRESETS else Path(model)) / PROFILE_NAME
 
 
-def main(argv: list[str] | None = None) -> int:
-    import json
+def latency_model_of(profile: Path) -> dict:
+    """The fitted latency model in a profile written by scripts/profile_latency.py (ValueError if none)."""
+    if not profile.is_file():
+        raise ValueError(f"no latency profile at {profile}; make one with scripts/profile_latency.py")
+    try:
+        data = json.loads(profile.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{profile} is not JSON: {e}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{profile} holds no fitted latency model ('model'): not a scripts/profile_latency.py profile")
+    return data["model"]
 
+
+def pack(out: Path, title: str) -> OutcomeTable:
+    """OUT/table.npz (what replay environments read) and OUT/pareto.png from a complete table."""
+    table = OutcomeTable.load(out)
+    table.save_npz(out / "table.npz")
+    pareto_plot(table.valid(), out / "pareto.png", title)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     data = ap.add_mutually_exclusive_group()
@@ -58,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --seed (SynthVQA) or --manifest")
     if args.n <= 0 or args.shard_size <= 0:
         ap.error("--n and --shard-size must be positive")
-    profile = args.profile or default_profile(args.model)
-    if not profile.is_file():
-        print(f"error: no latency profile at {profile}; make one with scripts/profile_latency.py", file=sys.stderr)
+    try:
+        latency = latency_model_of(args.profile or default_profile(args.model))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    latency = json.loads(profile.read_text())["model"]
     dataset = dataset_spec(args.seed, args.n)
     if args.manifest:
         dataset = {"kind": "manifest", "path": str(args.manifest.resolve())}
@@ -81,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = OutcomeTable.load(args.out)
-    table.save_npz(args.out / "table.npz")
-    pareto_plot(table.valid(), args.out / "pareto.png", f"{args.model}: {args.out.name}")
+    table = pack(args.out, f"{args.model}: {args.out.name}")
     if args.export:
         export_jsonl(args.out, args.export)
     print(f"{table.ok.sum()} samples ok, {(~table.ok).sum()} failed; wrote {args.out}")
@@ -91,21 +109,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def retime(args) -> int:
-    import json
-
-    if args.profile is None or not args.profile.is_file():
+    if args.profile is None:
         print(
             "error: --retime needs --profile FILE (a latency profile from scripts/profile_latency.py)", file=sys.stderr
         )
         return 2
     try:
-        retime_outcomes(args.retime, args.out, json.loads(args.profile.read_text())["model"])
+        retime_outcomes(args.retime, args.out, latency_model_of(args.profile))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = OutcomeTable.load(args.out)
-    table.save_npz(args.out / "table.npz")
-    pareto_plot(table.valid(), args.out / "pareto.png", f"{args.out.name} (retimed)")
+    pack(args.out, f"{args.out.name} (retimed)")
     print(f"retimed {args.retime} with {args.profile}; wrote {args.out}")
     return 0
 

@@ -108,6 +108,20 @@ def test_retime_applies_another_profile_without_touching_answers(model_dir, tmp_
     assert not (tmp_path / "r2").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("content", [None, "not json", '{"stages": {}}', "[1, 2]"])
+def test_build_outcomes_refuses_a_missing_or_foreign_profile_on_both_paths(content, tmp_path, capsys):
+    from scripts.build_outcomes import main
+
+    profile = tmp_path / "profile.json"
+    if content is not None:
+        profile.write_text(content)
+    for argv in (["--seed", "2", "--n", "3"], ["--retime", str(tmp_path / "src")]):
+        assert main([*argv, "--out", str(tmp_path / "out"), "--profile", str(profile)]) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and str(profile) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_sample_is_recorded_and_does_not_stop_the_sweep(model_dir, tmp_path):
     path = export_manifest(list(SynthVQA(4, 3)), tmp_path / "data")
     (tmp_path / "data" / "images" / "synthvqa-4-1.png").write_text("broken")
