@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from envs.tasks.synthvqa import FAMILIES
-from envs.vlm.train import COMPLEMENT_PAIRS, WARMUP_SCENES, TrainArgs, train
+from envs.vlm.train import TrainArgs, train
 
 
 def parse(argv: list[str] | None) -> TrainArgs:
@@ -37,20 +37,16 @@ def parse(argv: list[str] | None) -> TrainArgs:
     args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights), "family_weights": tuple(ns.family_weights)})
     if args.steps <= 0 or args.batch_size <= 0:
         ap.error("--steps and --batch-size must be positive")
-    if not 0 <= args.stop_at <= args.steps:
-        ap.error("--stop-at must lie between 0 (off) and --steps")
     if (args.vision_steps > 0 or args.dense_aux_batch > 0) and args.aux_weight <= 0:
         ap.error("--vision-steps and --dense-aux-batch train on the dense vision loss: they need --aux-weight > 0")
     if args.dense_aux_batch < 0 or args.probe_n < 1:
         ap.error("--dense-aux-batch must be >= 0 and --probe-n >= 1")
-    if args.warmup_scenes not in WARMUP_SCENES:
-        ap.error(f"--warmup-scenes must be one of {WARMUP_SCENES}")
     if args.norm_cap < 0 or args.norm_weight < 0:
         ap.error("--norm-cap and --norm-weight must be >= 0 (--norm-cap 0 turns the penalty off)")
-    if args.complement_pairs not in COMPLEMENT_PAIRS:
-        ap.error(f"--complement-pairs must be one of {COMPLEMENT_PAIRS}")
-    if min(args.family_weights) < 0 or sum(args.family_weights) <= 0:
-        ap.error("--family-weights must be >= 0 with a positive sum")
+    try:
+        args.check()
+    except ValueError as e:
+        ap.error(str(e))
     if args.reinit_vision and args.init is None:
         ap.error("--reinit-vision keeps the LLM of --init DIR: give --init")
     return args

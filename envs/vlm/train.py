@@ -77,6 +77,16 @@ class TrainArgs:
     device: str = "cpu"
     ship_dtype: str = "float16"
 
+    def check(self) -> None:
+        """ValueError for choices `train` cannot run with (train_vlm.py turns it into a usage error)."""
+        if self.complement_pairs not in COMPLEMENT_PAIRS:
+            raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {self.complement_pairs!r}")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must lie in 0..steps ({self.steps}), got {self.stop_at}")
+        if self.warmup_scenes not in WARMUP_SCENES:
+            raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {self.warmup_scenes!r}")
+        family_mix(self.family_weights)
+
 
 def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs, step: int = 0) -> tuple[str, int, list[int]]:
     n_layers = cfg.llm.layers
@@ -232,12 +242,7 @@ def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
 
 
 def train(args: TrainArgs) -> Path:
-    if args.complement_pairs not in COMPLEMENT_PAIRS:
-        raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {args.complement_pairs!r}")
-    if not 0 <= args.stop_at <= args.steps:
-        raise ValueError(f"stop_at must lie in 0..steps ({args.steps}), got {args.stop_at}")
-    if args.warmup_scenes not in WARMUP_SCENES:
-        raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {args.warmup_scenes!r}")
+    args.check()
     task_sample = family_mix(args.family_weights)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
