@@ -69,6 +69,21 @@ def summarise(model, prepared, pre) -> tuple[np.ndarray, np.ndarray]:
     return prompt, glob
 
 
+def stage2_positions(model, pre, t: int, i: int) -> list[int]:
+    """The prompt positions of request i (batch length t) whose keys/values stage 2 observes."""
+    view, text = _summary_positions(model, pre, t, i)
+    return view + text[-N_TEXT:]
+
+
+def stage2_sees(model, pre, t: int) -> torch.Tensor:
+    """[B, t] bool: the positions a budget token riding in the prefix pass attends to (`KnobVLM.prefix`),
+    the same ones the replay observation holds, so served and replayed decisions agree."""
+    sees = torch.zeros(len(pre.token_ids), t, dtype=torch.bool)
+    for i in range(len(pre.token_ids)):
+        sees[i, stage2_positions(model, pre, t, i)] = True
+    return sees
+
+
 def _layer_kv(state, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached keys and values [B, H, T, hd] of a prefix state, plain or fast path, over its T positions."""
     if isinstance(state.cache, KVCache):

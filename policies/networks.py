@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from envs.vlm.presets import FIRST_KNOBBED_LAYER
-from envs.vlm.staged import run_layer
+from envs.vlm.staged import moe_forward
 
 N_TIER, N_TOP_K, N_BLOCKS = 3, 5, 5
 N_BUDGET = 3
@@ -41,8 +41,12 @@ class Stage1Budget(nn.Module):
         super().__init__()
         self.pi, self.v = mlp([N_BUDGET, hidden, hidden, N_TIER]), mlp([N_BUDGET, 32, 1])
 
+    def inputs(self, obs) -> torch.Tensor:
+        return obs["budget"]
+
     def forward(self, obs):
-        return self.pi(obs["budget"]), self.v(obs["budget"])
+        x = self.inputs(obs)
+        return self.pi(x), self.v(x)
 
 
 class Stage1Prompt(nn.Module):
@@ -53,8 +57,11 @@ class Stage1Prompt(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.pi, self.v = mlp([N_BUDGET + d_model, hidden, hidden, N_TIER]), mlp([N_BUDGET + d_model, hidden, 1])
 
+    def inputs(self, obs) -> torch.Tensor:
+        return torch.cat([obs["budget"], self.norm(obs["prompt"])], dim=-1)
+
     def forward(self, obs):
-        x = torch.cat([obs["budget"], self.norm(obs["prompt"])], dim=-1)
+        x = self.inputs(obs)
         return self.pi(x), self.v(x)
 
 
@@ -70,9 +77,12 @@ class SemanticRouter(nn.Module):
     def route(self, prompt: torch.Tensor) -> torch.Tensor:
         return torch.cdist(prompt, self.centroids).argmin(dim=-1)
 
-    def forward(self, obs):
+    def inputs(self, obs) -> torch.Tensor:
         onehot = nn.functional.one_hot(self.route(obs["prompt"]), len(self.centroids)).float()
-        x = torch.cat([obs["budget"], onehot], dim=-1)
+        return torch.cat([obs["budget"], onehot], dim=-1)
+
+    def forward(self, obs):
+        x = self.inputs(obs)
         return self.pi(x), self.v(x)
 
     @staticmethod
@@ -94,15 +104,37 @@ class SemanticRouter(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ stage 2
-class ObservedKV:
-    """A cache for `OlmoeAttention` whose past is the observed prefix keys/values [B, L, 2, H, N, hd]."""
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
-    def __init__(self, kv: torch.Tensor):
-        self.kv = kv
 
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        past = self.kv[:, layer_idx]
-        return torch.cat([past[:, 0], key], dim=2), torch.cat([past[:, 1], value], dim=2)
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`OlmoeRMSNorm` as one fused op."""
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def one_token_layer(layer: nn.Module, h, cos, sin, past_k, past_v, mask, top_k: int) -> torch.Tensor:
+    """`OlmoeDecoderLayer` for one new token per row against cached keys/values, in plain tensor ops.
+
+    h [B, d]; cos, sin [B, head_dim]; past_k, past_v [B, H, L, head_dim]; mask [B, L + 1] additive.
+    The same arithmetic as `run_layer` (the layer's own weights), with fused norms and attention and
+    without the module plumbing and per-expert loop that cost a CPU milliseconds for one token.
+    """
+    attn, b = layer.self_attn, h.shape[0]
+    heads, head_dim = past_k.shape[1], past_k.shape[-1]
+    x = _rms(layer.input_layernorm, h)
+    q = _rms(attn.q_norm, attn.q_proj(x)).view(b, heads, 1, head_dim)
+    k = _rms(attn.k_norm, attn.k_proj(x)).view(b, heads, 1, head_dim)
+    v = attn.v_proj(x).view(b, heads, 1, head_dim)
+    if attn.config.clip_qkv is not None:
+        q, k, v = (t.clamp(-attn.config.clip_qkv, attn.config.clip_qkv) for t in (q, k, v))
+    cos, sin = cos[:, None, None], sin[:, None, None]
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], scale=attn.scaling)
+    h = h + attn.o_proj(out.reshape(b, -1))
+    return h + moe_forward(layer.mlp, _rms(layer.post_attention_layernorm, h)[:, None], top_k, gathered=True)[:, 0]
 
 
 class Stage2Scheduler(nn.Module):
@@ -110,7 +142,8 @@ class Stage2Scheduler(nn.Module):
 
     This is what running layers 0-2 over [prompt positions; budget token] computes at the budget
     token: the prompt's entries do not depend on it (causal attention), so they come from the cache
-    the request's prefix already filled, and the controller pays for one token through 3 layers.
+    the request's prefix already filled, and the controller pays for one token through 3 layers
+    (`one_token_layer`: well under a millisecond on a CPU).
     """
 
     def __init__(self, vlm, hidden: int = 128):
@@ -127,19 +160,32 @@ class Stage2Scheduler(nn.Module):
         self.top_k_head, self.blocks_head = nn.Linear(hidden, N_TOP_K), nn.Linear(hidden, N_BLOCKS)
         self.v = mlp([d, hidden, 1])
 
+    def embed(self, obs) -> torch.Tensor:
+        """The budget token's input embedding [B, d], from the budget and the chosen tier."""
+        return self.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))
+
     def budget_state(self, obs) -> torch.Tensor:
-        """The budget token's hidden state after layer 2: [B, d]."""
-        h = self.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))[:, None]
-        valid = torch.cat([obs["kv_mask"] > 0.5, torch.ones_like(obs["kv_mask"][:, :1], dtype=torch.bool)], dim=1)
-        mask = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, torch.finfo(h.dtype).min)
-        pos_emb = self.rotary(h, obs["position"].long())
-        cache = ObservedKV(obs["kv"].to(h.dtype))
-        for layer in self.layers:
-            h = run_layer(layer, h, pos_emb, mask[:, None, None], cache, self.top_k)
-        return h[:, -1]
+        """The budget token's hidden state after layer 2: [B, d]. obs["kv"] is [B, layers, 2, H, L, hd]."""
+        h = self.embed(obs)
+        kv, valid = obs["kv"].to(h.dtype), obs["kv_mask"] > 0.5
+        mask = torch.zeros(h.shape[0], valid.shape[1] + 1, dtype=h.dtype, device=h.device)
+        mask[:, :-1].masked_fill_(~valid, torch.finfo(h.dtype).min)
+        cos, sin = self.rotary(h[:, None], obs["position"].long())
+        for i, layer in enumerate(self.layers):
+            h = one_token_layer(layer, h, cos[:, 0], sin[:, 0], kv[:, i, 0], kv[:, i, 1], mask, self.top_k)
+        return h
 
     def forward(self, obs):
-        z = self.norm(self.budget_state(obs))
+        return self.heads(self.budget_state(obs))
+
+    def knob_logits(self, state: torch.Tensor) -> torch.Tensor:
+        """top_k and blocks logits from the budget token's state after layer 2 (serving: no value)."""
+        t = self.trunk(self.norm(state))
+        return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1)
+
+    def heads(self, state: torch.Tensor):
+        """top_k and blocks logits and the value from the budget token's state after layer 2."""
+        z = self.norm(state)
         t = self.trunk(z)
         return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1), self.v(z)
 
@@ -169,6 +215,9 @@ class TwoStageNet(nn.Module):
 
     def forward(self, obs):
         stage2 = obs["stage"][:, 0] > 0.5
+        if stage2.all() or not stage2.any():  # serving (batch 1) and most batches: no row selection
+            lg, v = (self.stage2 if stage2[0] else self.stage1)(obs)
+            return nn.functional.pad(lg, (N_TIER, 0) if stage2[0] else (0, N_TOP_K + N_BLOCKS)), v
         b = stage2.shape[0]
         logits = obs["budget"].new_zeros(b, N_TIER + N_TOP_K + N_BLOCKS)
         value = obs["budget"].new_zeros(b, 1)

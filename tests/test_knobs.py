@@ -125,3 +125,47 @@ def test_batched_equals_one_by_one(tiny, images, questions, tier, top_k, blocks)
         assert batch.token_ids[i] == single.token_ids[0]
         assert batch.expert_calls[i] == single.expert_calls[0]
         torch.testing.assert_close(batch.step_logits[0][i], single.step_logits[0][0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens, top_k", [(1, 8), (1, 1), (3, 4)])
+def test_gathered_experts_equal_the_expert_loop(tiny, tokens, top_k):
+    """The few-token MoE path computes what `OlmoeExperts` computes, for any top-k."""
+    from envs.vlm.staged import moe_forward
+
+    mlp = tiny.llm.layers[4].mlp
+    x = torch.randn(1, tokens, tiny.cfg.llm.d_model, generator=torch.Generator().manual_seed(tokens), dtype=tiny.dtype)
+    with torch.no_grad():
+        loop, gathered = moe_forward(mlp, x, top_k), moe_forward(mlp, x, top_k, gathered=True)
+    assert gathered.shape == x.shape
+    torch.testing.assert_close(gathered, loop, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moe_forward(mlp, x, top_k % 8 + 1, gathered=True), gathered)  # top-k matters
+
+
+def test_side_token_rides_the_prefix_without_a_trace(tiny, images, questions):
+    """A side token in the layers 0-2 pass: the prompt's states, cache and answers are unchanged, and its
+    own state equals running it after the prompt with only the positions it may see."""
+    prepared = tiny.prepare(images[:2], questions[:2], "medium")
+    b, t = prepared.valid.shape
+    token = torch.randn(b, tiny.cfg.llm.d_model, generator=torch.Generator().manual_seed(0))
+    sees = prepared.valid.clone()
+    sees[:, : t // 2] = False
+    plain, ridden = tiny.prefix(prepared), tiny.prefix(prepared, side_token=token, side_sees=sees)
+    torch.testing.assert_close(ridden.hidden, plain.hidden)
+    for i in range(3):
+        torch.testing.assert_close(ridden.cache.layers[i][0], plain.cache.layers[i][0])
+    a, b_ = tiny.finish(plain, 4, 9, max_new_tokens=2), tiny.finish(ridden, 4, 9, max_new_tokens=2)
+    assert a.token_ids == b_.token_ids
+    torch.testing.assert_close(b_.step_logits[0], a.step_logits[0])
+    # its state: one token through layers 0-2 against the prompt's cached keys/values at the seen positions
+    from policies.networks import one_token_layer
+
+    h, position = token, prepared.valid.sum(1, keepdim=True)
+    cos, sin = tiny.llm.rotary_emb(h[:, None], position)
+    with torch.no_grad():
+        for i in range(FIRST_KNOBBED_LAYER):
+            k, v = plain.cache.layers[i]
+            mask = torch.zeros(b, t + 1).masked_fill(~torch.cat([sees, torch.ones(b, 1, dtype=torch.bool)], 1), -1e30)
+            h = one_token_layer(tiny.llm.layers[i], h, cos[:, 0], sin[:, 0], k, v, mask, 8)
+    torch.testing.assert_close(ridden.side_state, h, atol=1e-5, rtol=1e-5)
+    seeing_all = tiny.prefix(prepared, side_token=token)
+    assert not torch.allclose(seeing_all.side_state, ridden.side_state)  # what it sees matters

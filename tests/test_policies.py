@@ -7,14 +7,8 @@ from conftest import _envs
 from sb3_contrib import MaskablePPO
 
 from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
-from envs.vlm.checkpoint import save_model
 from policies.networks import SemanticRouter, Stage1Budget, Stage2Scheduler, TwoStageNet
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tiny, tmp_path_factory):
-    return str(save_model(tiny, tmp_path_factory.mktemp("vlm") / "m"))
 
 
 def _obs_batch(env, n=4):
@@ -117,9 +111,10 @@ def test_stage2_costs_one_token_through_three_layers(world, tiny):
     net = Stage2Scheduler(tiny)
     seen = []
     hooks = [
-        layer.mlp.experts.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])) for layer in net.layers
+        layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1].numel()))
+        for layer in net.layers
     ]
     net(obs)
     for h in hooks:
         h.remove()
-    assert seen == [1, 1, 1]  # tokens through the experts of layers 0, 1, 2
+    assert seen == [1, 1, 1]  # tokens through layers 0, 1, 2

@@ -81,6 +81,7 @@ class PrefixState:
     positions: torch.Tensor  # [B, T]
     expert_calls: list[int]  # (token, expert) evaluations so far, per request
     expert_calls_by_layer: list[int]  # so far, summed over the batch
+    side_state: torch.Tensor | None = None  # [B, d] a side token's state after layer 2 (see `prefix`)
 
 
 @dataclass
@@ -314,12 +315,12 @@ class KnobVLM(nn.Module):
             return self.connect(pre, self.encode_vision(pre.pixels()))
 
     # ---------------------------------------------------------------- stage 2: LLM
-    def _run(self, layers, h, positions, valid, cache, top_k, counts, on_layer=None):
+    def _run(self, layers, h, positions, valid, cache, top_k, counts, on_layer=None, mask=None):
         """Run `layers` over the last h.shape[1] positions; layers 0-2 always at the trained k.
 
         `on_layer(i, h_in, h_out)` sees every layer's input and output (block influence).
         """
-        mask = attention_mask(valid, h.shape[1], h.dtype)
+        mask = attention_mask(valid, h.shape[1], h.dtype) if mask is None else mask
         pos_emb = self.llm.rotary_emb(h, positions)
         n_tokens = valid[:, -h.shape[1] :].sum().item()
         for i in layers:
@@ -335,7 +336,16 @@ class KnobVLM(nn.Module):
         """Rotary positions that start at 0 on each request's first real (not padding) token."""
         return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
-    def prefix(self, prepared: Prepared) -> PrefixState:
+    def prefix(self, prepared: Prepared, side_token: torch.Tensor | None = None, side_sees=None) -> PrefixState:
+        """Layers 0-2 over the prompt, once; the KV cache is kept for `finish`.
+
+        `side_token` [B, d] rides along as one extra last position that attends only to the prompt
+        positions `side_sees` [B, T] (bool) and itself; no prompt position sees it, and it leaves no
+        trace in the state but `side_state`, its hidden state after layer 2. That is how a two-stage
+        controller's budget token is served: inside the pass that runs anyway, for one token's share.
+        """
+        if side_token is not None:
+            return self._prefix_with_side_token(prepared, side_token, side_sees)
         if self.fast is not None:
             return self.fast.prefix(prepared)
         valid = prepared.valid
@@ -354,6 +364,31 @@ class KnobVLM(nn.Module):
             )
         per_request = [n * FIRST_KNOBBED_LAYER * self.cfg.llm.top_k for n in prepared.prompt_tokens]
         return PrefixState(prepared, h, cache, positions, per_request, counts)
+
+    def _prefix_with_side_token(self, prepared: Prepared, side_token: torch.Tensor, side_sees) -> PrefixState:
+        if self.fast is not None:
+            raise NotImplementedError("a side token through the fast path's static buckets is not built yet")
+        b, t = prepared.valid.shape
+        if side_token.shape != (b, self.cfg.llm.d_model):
+            raise InputError(f"side_token must be [{b}, {self.cfg.llm.d_model}], got {list(side_token.shape)}")
+        sees = prepared.valid if side_sees is None else side_sees.to(torch.bool) & prepared.valid
+        ones = torch.ones(b, 1, dtype=torch.bool, device=prepared.valid.device)
+        valid = torch.cat([prepared.valid, ones], dim=1)
+        h = torch.cat([prepared.embeds, side_token.to(prepared.embeds.dtype)[:, None]], dim=1)
+        mask = attention_mask(valid, t + 1, h.dtype)
+        mask[:, 0, t, :t] = mask[:, 0, t, :t].masked_fill(~sees, torch.finfo(h.dtype).min).masked_fill(sees, 0.0)
+        positions = self._positions(valid)
+        counts = [0] * self.cfg.llm.layers
+        cache = KVCache()
+        with torch.no_grad():
+            h = self._run(
+                range(FIRST_KNOBBED_LAYER), h, positions, valid, cache, self.cfg.llm.top_k, counts, None, mask
+            )
+        cache.layers = {i: (k[:, :, :t], v[:, :, :t]) for i, (k, v) in cache.layers.items()}
+        per_request = [(n + 1) * FIRST_KNOBBED_LAYER * self.cfg.llm.top_k for n in prepared.prompt_tokens]
+        state = PrefixState(prepared, h[:, :t], cache, positions[:, :t], per_request, counts)
+        state.side_state = h[:, t]
+        return state
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.llm.norm(h_last))

@@ -49,8 +49,25 @@ def attention_mask(valid: torch.Tensor, n_query: int, dtype: torch.dtype) -> tor
     return mask[:, None]
 
 
-def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int) -> torch.Tensor:
-    """`OlmoeSparseMoeBlock.forward` with the router's top-k given per call."""
+def gathered_experts(experts: nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts' output for a few tokens, with each token's chosen experts' weights gathered.
+
+    `OlmoeExperts` loops over every expert a token hit (on CPU, `grouped_mm` falls back to the same
+    loop): dozens of small kernel launches per layer for one token. Gathering the k chosen weight
+    matrices per token makes it four launches; it costs N*k copies of an expert, so it is for
+    decode-sized inputs (N*k <= number of experts), as the controller's budget token is.
+    """
+    flat = index.reshape(-1)  # index_select: several times faster than advanced indexing here
+    w_in = experts.gate_up_proj.index_select(0, flat).view(*index.shape, *experts.gate_up_proj.shape[1:])
+    w_out = experts.down_proj.index_select(0, flat).view(*index.shape, *experts.down_proj.shape[1:])
+    gate, up = torch.einsum("nd,nkfd->nkf", x, w_in).chunk(2, dim=-1)
+    y = torch.einsum("nkf,nkdf->nkd", experts.act_fn(gate) * up, w_out)
+    return torch.einsum("nk,nkd->nd", weights, y)
+
+
+def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int, gathered: bool = False) -> torch.Tensor:
+    """`OlmoeSparseMoeBlock.forward` with the router's top-k given per call (`gathered`: see
+    `gathered_experts`)."""
     b, t, d = x.shape
     flat = x.reshape(-1, d)
     router_logits = F.linear(flat, mlp.gate.weight)
@@ -58,7 +75,9 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int) -> torch.Tensor:
     weights, index = torch.topk(probs, top_k, dim=-1)
     if mlp.gate.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return mlp.experts(flat, index, weights.to(router_logits.dtype)).reshape(b, t, d)
+    weights = weights.to(router_logits.dtype)
+    out = gathered_experts(mlp.experts, flat, index, weights) if gathered else mlp.experts(flat, index, weights)
+    return out.reshape(b, t, d)
 
 
 def run_layer(layer: nn.Module, h, position_embeddings, mask, cache: KVCache | None, top_k: int):

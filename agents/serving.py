@@ -1,0 +1,116 @@
+"""Serving a request with a trained two-stage controller: the path whose cost the environments charge.
+
+Stage 1 picks the tier from the budget (and the prompt). The VLM encodes that tier's crops. The
+budget token then rides in the pass of layers 0-2 that every request runs anyway (`KnobVLM.prefix`
+with a side token, attending to the same prompt positions the replay observation holds), so stage 2
+adds one token to that pass plus its heads; layers 3.. finish with the chosen top_k and blocks.
+Replay training computes the same budget-token state from cached keys and values
+(`Stage2Scheduler.budget_state`), so served and replayed decisions agree.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from envs.budgets import budget_features, check_budget
+from envs.features import prompt_embedding, stage2_sees
+from envs.latency import StageTimer
+from envs.vlm.evaluate import Config
+from envs.vlm.presets import TIERS
+from policies.networks import N_TOP_K, Stage1Budget, TwoStageNet
+
+
+@dataclass
+class Served:
+    answer: str
+    config: Config
+    parts_ms: dict[str, float]  # controller (stage 1, budget token embedding, heads) and the VLM's parts
+    total_ms: float  # end to end
+
+
+class TwoStageServer:
+    """Answers (image, question, budget) with a `TwoStageNet` (e.g. `model.policy.mlp_extractor.net`)."""
+
+    def __init__(self, net: TwoStageNet, vlm, full_ms: float):
+        self.net, self.vlm, self.full_ms = net.eval(), vlm, float(full_ms)
+        self.knobs = vlm.cfg.knob_lists()
+
+    @torch.inference_mode()
+    def choose_tier(self, question: str, budget_ms: float) -> tuple[int, torch.Tensor]:
+        """Stage 1: the tier, and the budget token's input embedding for that tier."""
+        budget = torch.as_tensor(budget_features(budget_ms, self.full_ms))[None]
+        obs = {"budget": budget}
+        if not isinstance(self.net.stage1, Stage1Budget):  # options B read the prompt embedding
+            obs["prompt"] = torch.as_tensor(prompt_embedding(self.vlm, question))[None]
+        tier = int(self.net.stage1.pi(self.net.stage1.inputs(obs)).argmax())
+        return tier, self.budget_token(budget, tier)
+
+    def budget_token(self, budget: torch.Tensor, tier: int) -> torch.Tensor:
+        onehot = torch.zeros(1, len(TIERS))
+        onehot[0, tier] = 1
+        return self.net.stage2.embed({"budget": budget, "tier": onehot})
+
+    @torch.inference_mode()
+    def choose_knobs(self, side_state: torch.Tensor) -> tuple[int, int]:
+        logits = self.net.stage2.knob_logits(side_state.float())[0]
+        return int(logits[:N_TOP_K].argmax()), int(logits[N_TOP_K:].argmax())
+
+    def serve(self, image, question: str, budget_ms: float) -> Served:
+        budget_ms = check_budget(budget_ms)
+        timer, vlm = StageTimer(self.vlm.device), self.vlm
+        t0 = time.perf_counter()
+        with timer.stage("controller"):
+            tier, token = self.choose_tier(question, budget_ms)
+        with torch.no_grad():
+            with timer.stage("preprocess"):
+                pre = vlm.preprocess([image], [question], TIERS[tier])
+            with timer.stage("vision"):
+                features = vlm.encode_vision(pre.pixels())
+            with timer.stage("connector"):
+                prepared = vlm.connect(pre, features)
+            with timer.stage("prefill"):
+                sees = stage2_sees(vlm, pre, prepared.valid.shape[1])
+                state = vlm.prefix(prepared, side_token=token.to(vlm.device), side_sees=sees.to(vlm.device))
+            with timer.stage("controller"):
+                ki, bi = self.choose_knobs(state.side_state)
+            config = Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
+            gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
+        total = (time.perf_counter() - t0) * 1e3
+        return Served(gen.answers[0], config, dict(timer.ms), total)
+
+
+def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 3) -> dict:
+    """What the two-stage controller adds to a request on the serving path, measured (medians, ms):
+    its own networks (stage 1, the budget token's embedding, the heads) and the budget token's share
+    of the layers 0-2 pass (that pass with the token minus without it, timed back to back)."""
+    vlm, own, extra = server.vlm, [], []
+    with torch.no_grad():
+        for r in range(repeats):
+            for i, (sample, budget) in enumerate(zip(samples, budgets_ms, strict=True)):
+                t0 = time.perf_counter()
+                server.choose_tier(sample.question, budget)
+                t_net = time.perf_counter() - t0
+                tier = (i + r) % len(TIERS)  # every tier's prefix, whatever an untrained stage 1 prefers
+                with torch.inference_mode():
+                    token = server.budget_token(torch.as_tensor(budget_features(budget, server.full_ms))[None], tier)
+                pre = vlm.preprocess([sample.image], [sample.question], TIERS[tier])
+                prepared = vlm.connect(pre, vlm.encode_vision(pre.pixels()))
+                sees = stage2_sees(vlm, pre, prepared.valid.shape[1])
+                runs = {}
+                for with_token in (True, False) if (i + r) % 2 else (False, True):  # alternate the order
+                    t0 = time.perf_counter()
+                    state = vlm.prefix(prepared, token, sees) if with_token else vlm.prefix(prepared)
+                    runs[with_token] = time.perf_counter() - t0
+                    if with_token:
+                        t1 = time.perf_counter()
+                        server.choose_knobs(state.side_state)
+                        t_net += time.perf_counter() - t1
+                own.append(t_net * 1e3)
+                extra.append((runs[True] - runs[False]) * 1e3)
+    networks, token_share = statistics.median(own), statistics.median(extra)
+    return {"networks_ms": networks, "budget_token_prefill_ms": token_share,
+            "total_ms": networks + max(token_share, 0.0), "requests": len(own)}  # fmt: skip
