@@ -1,8 +1,9 @@
 """Behaviour cloning of the oracle into an SB3 policy, value head included.
 
 Demonstrations come from the replay environment itself: for each episode's (sample, budget) the
-oracle config (best score that fits, ties to the cheapest) becomes the actions, step by step,
-with the masks the environment shows. The loss is -log pi(oracle action | masked distribution)
+oracle config (best score that fits, ties to the cheapest, else the cheapest; by default the best expected score over
+similar requests, not the sample's own lucky one) becomes the actions, step by step, with the masks
+the environment shows. The loss is -log pi(oracle action | masked distribution)
 plus a value regression on the oracle's discounted return.
 """
 
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from envs.knob_env import TwoStageKnobEnv, config_knobs
-from envs.oracle import oracle_from_arrays
+from envs.oracle import expected_scores, oracle_from_arrays
 
 
 @dataclass
@@ -26,24 +27,45 @@ class Demonstrations:
     returns: np.ndarray  # [m]
 
 
-def oracle_action(env) -> tuple[int, int, int]:
+ORACLES = ("expected", "sample")
+
+
+def oracle_scores(backend, oracle: str = "expected", k: int = 32) -> np.ndarray:
+    """[rows, 75] scores the oracle maximises: each sample's own ("sample"), or expected scores over
+    the k requests nearest in prompt and global-view features ("expected", `envs.oracle.expected_scores`)."""
+    if oracle not in ORACLES:
+        raise ValueError(f"unknown oracle {oracle!r}; choose one of {ORACLES}")
+    score = backend.table.score
+    if oracle == "sample":
+        return score
+    features = np.concatenate([backend.features.prompt, backend.features.global_view], axis=1)
+    return expected_scores(score, features, k, rows=backend.valid)
+
+
+def oracle_action(env, scores: np.ndarray | None = None) -> tuple[int, int, int]:
     """The oracle config for the env's current (sample, budget), as (tier, k, b) indices.
 
     Latencies include what the environment adds (controller time), so labels respect the budget.
+    `scores` (`oracle_scores`) default to the sample's own. Where nothing fits, the label is the
+    cheapest config, not the best-reward one the evaluation's oracle takes (under the indicator
+    penalty, the best score): a label that jumps to the dearest configs just below the feasibility
+    edge taught the policies to overshoot budgets just above it (violations 0.13-0.65 after BC).
     """
     table = env.backend.table
+    scores = table.score if scores is None else scores
     row = env.backend.valid[env._sample]
     latency = table.latency[row : row + 1] + env.added_latency()[None]
-    return config_knobs(int(oracle_from_arrays(table.score[row : row + 1], latency, [env._budget])[0]))
+    return config_knobs(int(oracle_from_arrays(scores[row : row + 1], latency, [env._budget])[0]))
 
 
-def collect(env, episodes: int, gamma: float, seed: int = 0) -> Demonstrations:
-    """Roll the oracle through the environment; record every step."""
+def collect(env, episodes: int, gamma: float, seed: int = 0, oracle: str = "expected") -> Demonstrations:
+    """Roll the oracle through the environment; record every step (rewards are the episode's own)."""
+    scores = oracle_scores(env.backend, oracle)
     obs_list, actions, masks, returns = [], [], [], []
     two_stage = isinstance(env, TwoStageKnobEnv)
     for ep in tqdm(range(episodes), desc="oracle demos", leave=False):
         obs, _ = env.reset(seed=seed + ep)
-        tier, k, b = oracle_action(env)
+        tier, k, b = oracle_action(env, scores)
         steps = [(tier, 0, 0), (tier, k, b)] if two_stage else [(tier, k, b)]
         ep_obs, ep_masks = [], []
         reward = 0.0

@@ -1,8 +1,10 @@
 """The oracle and the baselines every evaluation reports, computed from an outcome table.
 
 Oracle, per (sample, budget): the highest-scoring config whose latency fits the budget, ties to the
-cheapest; when none fits, the cheapest config. Baselines: the best static config (one config for
-all requests, chosen on the train split), the max config, and a random feasible config.
+cheapest; when none fits, the config with the best reward under the penalty in use. Scores are the
+sample's own (what evaluation reports), or expected scores averaged over similar requests
+(`expected_scores`, what behaviour cloning imitates by default). Baselines: the best static config
+(one config for all requests, chosen on the train split), the max config, and a random feasible config.
 """
 
 from __future__ import annotations
@@ -13,18 +15,48 @@ from envs.budgets import Penalty
 from envs.outcomes import OutcomeTable
 
 
-def oracle_configs(table: OutcomeTable, budgets: np.ndarray) -> np.ndarray:
+def oracle_configs(table: OutcomeTable, budgets: np.ndarray, penalty: Penalty | None = None) -> np.ndarray:
     """Config index per sample ([n]) for per-sample budgets ([n], ms)."""
-    return oracle_from_arrays(table.score, table.latency, budgets)
+    return oracle_from_arrays(table.score, table.latency, budgets, penalty)
 
 
-def oracle_from_arrays(score: np.ndarray, latency: np.ndarray, budgets: np.ndarray) -> np.ndarray:
-    """`oracle_configs` on raw [n, c] score and latency arrays."""
+def oracle_from_arrays(score: np.ndarray, latency: np.ndarray, budgets: np.ndarray,
+                       penalty: Penalty | None = None) -> np.ndarray:  # fmt: skip
+    """`oracle_configs` on raw [n, c] score and latency arrays.
+
+    Where nothing fits, the cheapest config; or, given the `penalty`, the config with the highest
+    reward (score - penalty): under the indicator penalty every config pays the same, so the best
+    score, ties to the cheapest. That is the reward-maximising choice the environments reward.
+    """
     budgets = np.asarray(budgets, dtype=np.float64).reshape(-1, 1)
     fits = latency <= budgets
     # lexicographic: fits first, then score, then lower latency
     key = np.where(fits, score.astype(np.float64) * 1e9 - latency, -np.inf)
-    return np.where(fits.any(axis=1), key.argmax(axis=1), latency.argmin(axis=1))
+    if penalty is None:
+        fallback = latency.argmin(axis=1)
+    else:
+        fallback = ((score - penalty(latency, budgets)).astype(np.float64) * 1e9 - latency).argmax(axis=1)
+    return np.where(fits.any(axis=1), key.argmax(axis=1), fallback)
+
+
+def expected_scores(score: np.ndarray, features: np.ndarray, k: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each sample's score per config averaged over its k nearest other samples ([n, c]).
+
+    Distances are Euclidean on standardised `features` (what a controller observes of a request),
+    the sample itself is left out, and only `rows` (default all) serve as neighbours. The result
+    estimates E[score | observation]: an oracle that maximises it asks a controller for what it can
+    learn, where the per-sample oracle asks it to guess which config one sample happened to get right.
+    """
+    rows = np.arange(len(score)) if rows is None else np.asarray(rows)
+    if len(rows) < 2:
+        raise ValueError("expected scores need at least two samples")
+    x = np.asarray(features, dtype=np.float64)
+    x = (x - x[rows].mean(0)) / (x[rows].std(0) + 1e-6)
+    d = ((x[:, None] - x[None, rows]) ** 2).sum(-1)
+    d[rows, np.arange(len(rows))] = np.inf  # leave the sample itself out
+    k = min(k, len(rows) - 1)
+    nearest = rows[np.argpartition(d, k - 1, axis=1)[:, :k]]
+    return score[nearest].mean(axis=1)
 
 
 def max_config(table: OutcomeTable) -> int:

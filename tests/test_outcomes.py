@@ -15,6 +15,7 @@ from envs.budgets import Penalty
 from envs.latency import PARTS, LatencyModel, profile_latency
 from envs.oracle import (
     best_static_config,
+    expected_scores,
     max_config,
     oracle_configs,
     pareto_front,
@@ -203,6 +204,31 @@ def test_oracle_best_fitting_config_ties_to_cheapest_and_falls_back_to_cheapest(
     t = _table([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], [[30, 20, 10], [30, 20, 10], [30, 20, 10]])
     assert oracle_configs(t, [25, 25, 5]).tolist() == [1, 2, 2]  # tie -> cheaper; none scores -> cheapest; none fits
     assert oracle_configs(t, [100, 100, 100]).tolist() == [1, 0, 2]
+
+
+def test_oracle_where_nothing_fits_maximises_reward_under_the_penalty():
+    t = _table([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], [[30, 20, 10], [30, 20, 10]])
+    assert oracle_configs(t, [5, 5]).tolist() == [2, 2]  # no penalty given: the cheapest
+    assert oracle_configs(t, [5, 5], Penalty("indicator")).tolist() == [1, 1]  # best score, ties to cheaper
+    # relative overshoot at 5 ms: config 1 (score 1, 3x over) beats config 2 (score 0, 1x over) at weight 0.1
+    assert oracle_configs(t, [5, 5], Penalty("relative", 1.0)).tolist() == [2, 2]
+    assert oracle_configs(t, [5, 5], Penalty("relative", 0.1)).tolist() == [1, 1]
+    assert oracle_configs(t, [25, 25], Penalty("indicator")).tolist() == [1, 1]  # something fits: unchanged
+
+
+def test_expected_scores_average_the_nearest_other_samples():
+    """Two clusters of requests: each sample's expected score is its cluster's mean without itself."""
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 0.01, (4, 3)), rng.normal(5, 0.01, (4, 3))])
+    score = np.concatenate([rng.integers(0, 2, (4, 2)), rng.integers(0, 2, (4, 2))]).astype(np.float32)
+    got = expected_scores(score, features, k=3)
+    for i in range(8):
+        mates = [j for j in range(8) if j // 4 == i // 4 and j != i]
+        np.testing.assert_allclose(got[i], score[mates].mean(0))
+    only = expected_scores(score, features, k=3, rows=np.array([0, 1, 2, 3]))  # neighbours from cluster 0 only
+    np.testing.assert_allclose(only[5], score[:4][np.argsort(((features[:4] - features[5]) ** 2).sum(1))[:3]].mean(0))
+    with pytest.raises(ValueError, match="two samples"):
+        expected_scores(score, features, rows=np.array([0]))
 
 
 def test_baselines():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import _envs, fake_latency
 
-from agents.imitation import collect, oracle_action
+from agents.imitation import collect, oracle_action, oracle_scores
 from agents.pipeline import Args, run
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.synthvqa import dataset_spec
@@ -78,6 +78,14 @@ def test_oracle_demonstrations_reach_the_oracle_reward(assets, tmp_path, monkeyp
     cfg = (tier * 5 + k) * 5 + b
     if fits.any():
         assert fits[cfg] and table.score[row, cfg] == table.score[row][fits].max()
+    expected = oracle_scores(env.backend, "expected")
+    assert expected.shape == table.score.shape and ((expected >= 0) & (expected <= 1)).all()
+    tier, k, b = oracle_action(env, expected)
+    cfg = (tier * 5 + k) * 5 + b
+    if fits.any():  # the best expected score among the configs that fit
+        assert fits[cfg] and expected[row, cfg] == expected[row][fits].max()
+    with pytest.raises(ValueError, match="unknown oracle"):
+        oracle_scores(env.backend, "psychic")
 
 
 @pytest.mark.parametrize("argv,match", [
