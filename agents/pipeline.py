@@ -1,7 +1,8 @@
 """The main job: oracle imitation, then MaskablePPO fine-tuning, then evaluation across budgets.
 
 Read top to bottom: assets (model, profile, outcome tables) -> replay environments -> policy ->
-controller overhead -> behaviour cloning -> PPO -> evaluation of BC, PPO and baselines -> report.
+controller overhead -> behaviour cloning -> PPO (the best parameters on the validation split kept)
+-> evaluation of BC, PPO and baselines -> report.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.evaluation import baselines, policy_chooser, run_episodes, summarize
-from agents.imitation import behaviour_clone, collect
+from agents.imitation import ORACLES, behaviour_clone, collect
 from agents.report import write_report
 from envs.budgets import Penalty, parse_distribution
 from envs.knob_env import make_env, replay_backend
@@ -47,9 +48,12 @@ class Args:
     eval_budgets: str = "uniform,log_uniform,tight,loose,bimodal"
     penalty: str = "indicator"
     penalty_weight: float = 1.0
+    oracle: str = "expected"  # behaviour cloning's labels: expected scores over similar requests, or "sample"
     bc_episodes: int = 3000
     bc_epochs: int = 15
     ppo_steps: int = 65536
+    select_every: int = 8192  # PPO steps between validation checks (0: keep the last parameters)
+    select_episodes: int = 200  # validation episodes per budget distribution and check
     n_envs: int = 8
     eval_episodes: int = 500
     learning_rate: float = 1e-4
@@ -61,10 +65,13 @@ class Args:
         self.variant = self.variant or VARIANTS[self.policy][0]
         if self.variant not in VARIANTS[self.policy]:
             raise ValueError(f"unknown {self.policy} variant {self.variant!r}; choose one of {VARIANTS[self.policy]}")
+        if self.oracle not in ORACLES:
+            raise ValueError(f"unknown oracle {self.oracle!r}; choose one of {ORACLES}")
         if self.encoder not in ("vlm", "light"):
             raise ValueError(f"unknown global-view encoder {self.encoder!r}; choose vlm or light")
         if self.quick:
             self.bc_episodes, self.bc_epochs, self.ppo_steps, self.eval_episodes = 600, 6, 1024, 150
+            self.select_every, self.select_episodes = 512, 100
 
 
 def assets_dir(model: str) -> Path:
@@ -88,6 +95,8 @@ class Assets:
         self.global_ms = sum(a + b for p, (a, b) in self.latency_model.per_crop.items())
         self.train = replay_backend(self.vlm, root / "outcomes/train.npz", self.latency_model)
         self.test = replay_backend(self.vlm, root / "outcomes/test.npz", self.latency_model)
+        val = root / "outcomes/val.npz"  # checkpoint selection; optional for user-built assets
+        self.val = replay_backend(self.vlm, val, self.latency_model) if val.is_file() else None
         self.reuse_low = True
         self.light_encoder_error = None
 
@@ -102,6 +111,16 @@ class Assets:
         self.test.features.global_view = encode(enc, global_pixels(self.vlm, dataset_samples(
             self.test.table.meta["dataset"])))  # fmt: skip
         self.global_ms, self.reuse_low = overhead_ms(enc, train_px), False
+
+    def two_stage_overhead(self, model: MaskablePPO, budgets, seed: int, n: int = 24) -> dict:
+        """The two-stage controller's cost on the serving path (agents/serving.py), on train requests."""
+        from agents.serving import TwoStageServer, two_stage_overhead_ms
+        from envs.outcomes import dataset_samples
+
+        samples = dataset_samples(self.train.table.meta["dataset"], 0, n)
+        budgets_ms = budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
+        server = TwoStageServer(model.policy.mlp_extractor.net, self.vlm, self.full_ms)
+        return two_stage_overhead_ms(server, samples, budgets_ms)
 
     def env(self, kind, backend, budgets, penalty, controller_ms=0.0):
         return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg, penalty, controller_ms,
@@ -124,6 +143,53 @@ def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
         if i >= 3:
             times.append(spent * 1e3)
     return float(statistics.median(times))
+
+
+def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets, seed: int) -> dict:
+    """What the environments charge a controller per request (`charged_ms`): the wall time of its
+    decisions (`decide_ms`), or for two-stage its cost on the serving path, where the budget token
+    rides in the layers 0-2 pass (agents/serving.py), with the parts of that measurement."""
+    cost = {"decide_ms": controller_overhead_ms(model, env)}
+    if kind == "two_stage":
+        cost.update(assets.two_stage_overhead(model, budgets, seed))
+    cost["charged_ms"] = cost.get("total_ms", cost["decide_ms"])
+    return cost
+
+
+class KeepBestOnValidation(BaseCallback):
+    """Scores the policy on held-out requests every `every` steps and restores the best parameters at
+    the end: PPO's last update is not always its best, and the behaviour-cloned start is a candidate,
+    so fine-tuning cannot end below its start on the validation split."""
+
+    def __init__(self, score, every: int):
+        super().__init__()
+        self.score, self.every, self.last = score, every, 0
+        self.history: list[tuple[int, float]] = []
+        self.best, self.best_step, self.best_state = -np.inf, 0, None
+
+    def _check(self) -> None:
+        reward = float(self.score(self.model))
+        self.history.append((self.num_timesteps, reward))
+        self.logger.record("val/mean_reward", reward)
+        if reward > self.best:
+            self.best, self.best_step = reward, self.num_timesteps
+            self.best_state = {k: v.detach().clone() for k, v in self.model.policy.state_dict().items()}
+
+    def _on_training_start(self) -> None:
+        self._check()
+
+    def _on_rollout_end(self) -> None:
+        if self.num_timesteps - self.last >= self.every:
+            self.last = self.num_timesteps
+            self._check()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.history[-1][0] != self.num_timesteps:
+            self._check()
+        self.model.policy.load_state_dict(self.best_state)
 
 
 class EpisodeLogger(BaseCallback):
@@ -172,6 +238,16 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
     return results
 
 
+def validation_reward(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float) -> float:
+    """Mean reward on the validation split over the evaluation's budget distributions (fixed episodes)."""
+    penalty = Penalty(args.penalty, args.penalty_weight)
+    rewards = []
+    for spec in args.eval_budgets.split(","):
+        env = assets.env(args.policy, assets.val, parse_distribution(spec), penalty, controller_ms)
+        rewards.append(run_episodes(env, policy_chooser(model), args.select_episodes, seed=20_000)["reward"].mean())
+    return float(np.mean(rewards))
+
+
 def run(args: Args) -> Path:
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -199,29 +275,37 @@ def run(args: Args) -> Path:
                         n_epochs=4, gamma=1.0, ent_coef=0.003, seed=args.seed, policy_kwargs=kwargs,
                         tensorboard_log=str(args.out / "tb"), verbose=0)  # fmt: skip
 
-    controller_ms = controller_overhead_ms(model, envs[0])
+    controller = controller_cost(assets, model, args.policy, envs[0], train_dist, args.seed)
+    controller_ms = controller["charged_ms"]
     for e in envs:
         e.controller_ms = controller_ms
     print(f"controller overhead {controller_ms:.2f} ms per request")
 
-    demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed)
+    demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed, oracle=args.oracle)
     writer = SummaryWriter(str(args.out / "tb" / "bc"))
     history = behaviour_clone(model.policy, demos, args.bc_epochs, seed=args.seed, log=writer.add_scalar)
     writer.close()
     model.save(args.out / "policy_bc.zip")
     print(f"behaviour cloning: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs")
 
-    model.learn(args.ppo_steps, callback=EpisodeLogger(), progress_bar=True, tb_log_name="ppo")
+    callbacks, keep = [EpisodeLogger()], None
+    if assets.val is not None and args.select_every > 0:
+        keep = KeepBestOnValidation(lambda m: validation_reward(assets, args, m, controller_ms), args.select_every)
+        callbacks.append(keep)
+    model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
+    if keep is not None:
+        print(f"kept the parameters of PPO step {keep.best_step} (validation reward {keep.best:.3f})")
     model.save(args.out / "policy.zip")
 
     bc = MaskablePPO.load(args.out / "policy_bc.zip")
     results = evaluate_all(assets, args.policy, args.eval_budgets, {"ppo": model, "bc_only": bc}, penalty,
                            controller_ms, args.eval_episodes, args.seed + 10_000)  # fmt: skip
-    meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms,
+    meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms, "controller": controller,
             "global_view": {"encoder": args.encoder, "ms": assets.global_ms, "reused_at_low_tier": assets.reuse_low,
                             "distillation_relative_error": assets.light_encoder_error},
             "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "bc_loss": history, "test_samples": len(assets.test)}  # fmt: skip
+            "bc_loss": history, "test_samples": len(assets.test),
+            "selection": None if keep is None else {"history": keep.history, "kept_step": keep.best_step}}  # fmt: skip
     write_report(args.out, meta, results)
     return args.out

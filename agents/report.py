@@ -21,6 +21,17 @@ def markdown(meta: dict, results: dict) -> str:
              f"controller overhead {meta['controller_ms']:.2f} ms; full-config latency "
              f"{meta['full_config_ms']:.1f} ms; run {meta['minutes']:.1f} min; peak memory "
              f"{meta['peak_memory_mb']:.0f} MB", ""]  # fmt: skip
+    sel = meta.get("selection")
+    if sel:
+        checks = ", ".join(f"{step}: {r:.3f}" for step, r in sel["history"])
+        lines[2:2] = [f"PPO parameters kept from step {sel['kept_step']} (mean validation reward at each check, "
+                      f"step: reward; step 0 is the behaviour-cloned start): {checks}", ""]  # fmt: skip
+    c = meta.get("controller", {})
+    if "budget_token_prefill_ms" in c:
+        lines[2:2] = [f"two-stage serving path (agents/serving.py, medians of {c['requests']} requests): "
+                      f"networks {c['networks_ms']:.3f} ms + budget token's share of the layers 0-2 pass "
+                      f"{c['budget_token_prefill_ms']:.3f} ms; the same decisions as separate forward passes "
+                      f"(`decide`): {c['decide_ms']:.2f} ms", ""]  # fmt: skip
     for dist, block in results.items():
         lines += [f"## budgets: {dist}", "", "| policy | " + " | ".join(METRICS) + " |",
                   "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip

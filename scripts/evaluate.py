@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sb3_contrib import MaskablePPO
 
-from agents.pipeline import Assets, assets_dir, controller_overhead_ms, evaluate_all
+from agents.pipeline import Assets, assets_dir, controller_cost, evaluate_all
 from agents.report import markdown
 from envs.budgets import BudgetError, Penalty, parse_distribution
 from envs.knob_env import replay_backend
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if model.observation_space != env.observation_space:
             raise ValueError(f"{args.policy} was saved for another model or observation space than {model.policy.vlm}")
         test = replay_backend(assets.vlm, test_table(assets, model.policy.vlm, args.seed, args.n), assets.latency_model)
-        controller_ms = controller_overhead_ms(model, env)
+        controller = controller_cost(assets, model, kind, env, parse_distribution("log_uniform"), args.seed)
+        controller_ms = controller["charged_ms"]
         policies = {"policy": model}
         if (args.policy.parent / "policy_bc.zip").is_file():
             policies["bc_only"] = load_policy(args.policy.parent / "policy_bc.zip")[0]
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = {"policy": kind, "variant": getattr(model.policy, "stage1", getattr(model.policy, "fusion", "")),
             "policy_file": str(args.policy), "seed": args.seed, "n": args.n, "controller_ms": controller_ms,
+            "controller": controller,
             "full_config_ms": assets.full_ms, "minutes": 0.0, "peak_memory_mb": 0.0}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

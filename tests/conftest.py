@@ -48,8 +48,15 @@ def fake_latency() -> dict:
 DATASET = dataset_spec(21, 5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def vlm_dir(tiny, tmp_path_factory):
+    """The random tiny model saved, for what loads a VLM by path (SB3 policies)."""
+    return str(save_model(tiny, tmp_path_factory.mktemp("vlm") / "m"))
+
+
+@pytest.fixture(scope="session")
 def world(tiny, tmp_path_factory):
+    """One small outcome table and feature cache over the random tiny model, shared by every test module."""
     tmp = tmp_path_factory.mktemp("env")
     model_dir = str(save_model(tiny, tmp / "m"))
     out = build_outcomes(model_dir, DATASET, tmp / "t", fake_latency(), all_configs(tiny), progress=False)
