@@ -101,7 +101,7 @@ def baselines(env, train_env, distribution, episodes: int, seed: int) -> dict[st
 
     def oracle(e):
         r = _row(e)
-        return int(oracle_from_arrays(table.score[r : r + 1], table.latency[r : r + 1], [e._budget])[0])
+        return int(oracle_from_arrays(table.score[r : r + 1], table.latency[r : r + 1], [e._budget], e.penalty)[0])
 
     def random_feasible(e):
         r = _row(e)
