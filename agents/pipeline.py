@@ -55,7 +55,7 @@ class Args:
     select_every: int = 8192  # PPO steps between validation checks (0: keep the last parameters)
     select_episodes: int = 200  # validation episodes per budget distribution and check
     n_envs: int = 8
-    eval_episodes: int = 500
+    eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
     seed: int = 0
 

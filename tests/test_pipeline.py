@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import _envs, fake_latency
 
 from agents.imitation import collect, oracle_action, oracle_scores
@@ -17,11 +18,11 @@ from scripts.train_ppo import main as train_main
 
 @pytest.fixture(scope="module")
 def assets(tiny, tmp_path_factory):
-    """A model directory laid out like the shipped one: profile and train/test outcome tables beside it."""
+    """A model directory laid out like the shipped one: profile and train/test/val outcome tables beside it."""
     root = save_model(tiny, tmp_path_factory.mktemp("assets") / "tiny")
     (root / "latency_cpu.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 25.0}))
     (root / "outcomes").mkdir()
-    for split, seed in (("train", 30), ("test", 31)):
+    for split, seed in (("train", 30), ("test", 31), ("val", 32)):
         out = build_outcomes(str(root), dataset_spec(seed, 8), root / "tables" / split,
                              fake_latency(), all_configs(tiny), progress=False)  # fmt: skip
         OutcomeTable.load(out).save_npz(root / "outcomes" / f"{split}.npz")
@@ -30,7 +31,7 @@ def assets(tiny, tmp_path_factory):
 
 def small(root, tmp, **kw):
     args = Args(model=str(root), out=tmp, bc_episodes=60, bc_epochs=3, ppo_steps=256, n_envs=2, eval_episodes=30,
-                eval_budgets="tight,loose", **kw)  # fmt: skip
+                eval_budgets="tight,loose", select_every=128, select_episodes=10, **kw)  # fmt: skip
     return args
 
 
@@ -52,6 +53,11 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
         assert block["oracle"]["violation_rate"] <= block["max_config"]["violation_rate"]
         assert block["ppo"]["controller_ms"] > 0 and block["oracle"]["controller_ms"] == 0
     assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
+    sel = report["meta"]["selection"]  # validation checks: the BC start, then every 512 steps (one rollout)
+    assert [step for step, _ in sel["history"]] == [0, 512] and sel["kept_step"] in (0, 512)
+    if policy == "two_stage":
+        c = report["meta"]["controller"]
+        assert c["charged_ms"] == report["meta"]["controller_ms"] == c["total_ms"] > 0 and c["requests"] == 24
     assert list((out / "tb").rglob("events.out.tfevents*"))
     view = report["meta"]["global_view"]
     assert view["reused_at_low_tier"] == (encoder == "vlm") and view["ms"] > 0
@@ -142,3 +148,29 @@ def test_violation_rate_counts_only_budgets_the_cheapest_config_fits(world):
     assert 0 < s["feasible_fraction"] < 1  # some budgets are below every config's latency
     assert s["violation_rate_feasible"] == 0.0
     assert s["violation_rate"] == pytest.approx(1 - s["feasible_fraction"])
+
+
+def test_keep_best_on_validation_restores_the_best_checked_parameters(world, vlm_dir):
+    """Scripted validation rewards: the parameters seen at the best check come back at the end."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.pipeline import KeepBestOnValidation
+    from envs.knob_env import SingleStageKnobEnv
+    from policies.sb3 import SingleStagePolicy
+
+    env, _ = _envs(world, SingleStageKnobEnv)
+    model = MaskablePPO(SingleStagePolicy, env, n_steps=16, batch_size=8, n_epochs=2, learning_rate=1e-2, seed=0,
+                        policy_kwargs={"vlm": vlm_dir})  # fmt: skip
+    rewards, snapshots = iter([0.2, 0.1, 0.9, 0.3, 0.5]), []
+
+    def score(m):
+        snapshots.append({k: v.clone() for k, v in m.policy.state_dict().items()})
+        return next(rewards)
+
+    keep = KeepBestOnValidation(score, every=16)
+    model.learn(64, callback=keep)
+    assert [step for step, _ in keep.history] == [0, 16, 32, 48, 64] and keep.best_step == 32
+    best, last = snapshots[2], snapshots[-1]
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # training moved on after the best check
+    for k, v in model.policy.state_dict().items():
+        torch.testing.assert_close(v, best[k])
