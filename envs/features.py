@@ -167,8 +167,9 @@ class FeatureCache:
 
 
 def cache_key(model, table_meta: dict) -> str:
-    """Changes whenever the model weights or the table's dataset change."""
+    """Changes whenever the model weights or the table's dataset change. Hashes the weights' bytes:
+    a float sum of each tensor (as before) differed with the number of threads, and rebuilt caches."""
     h = hashlib.sha1(FORMAT.encode() + json.dumps(table_meta.get("dataset"), sort_keys=True).encode())
     for v in model.state_dict().values():
-        h.update(v.detach().float().sum().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from envs.vlm.presets import FIRST_KNOBBED_LAYER
-from envs.vlm.staged import moe_forward
+from envs.vlm.staged import one_token_layer
 
 N_TIER, N_TOP_K, N_BLOCKS = 3, 5, 5
 N_BUDGET = 3
@@ -104,46 +104,13 @@ class SemanticRouter(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ stage 2
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`OlmoeRMSNorm` as one fused op."""
-    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-
-
-def one_token_layer(layer: nn.Module, h, cos, sin, past_k, past_v, mask, top_k: int) -> torch.Tensor:
-    """`OlmoeDecoderLayer` for one new token per row against cached keys/values, in plain tensor ops.
-
-    h [B, d]; cos, sin [B, head_dim]; past_k, past_v [B, H, L, head_dim]; mask [B, L + 1] additive.
-    The same arithmetic as `run_layer` (the layer's own weights), with fused norms and attention and
-    without the module plumbing and per-expert loop that cost a CPU milliseconds for one token.
-    """
-    attn, b = layer.self_attn, h.shape[0]
-    heads, head_dim = past_k.shape[1], past_k.shape[-1]
-    x = _rms(layer.input_layernorm, h)
-    q = _rms(attn.q_norm, attn.q_proj(x)).view(b, heads, 1, head_dim)
-    k = _rms(attn.k_norm, attn.k_proj(x)).view(b, heads, 1, head_dim)
-    v = attn.v_proj(x).view(b, heads, 1, head_dim)
-    if attn.config.clip_qkv is not None:
-        q, k, v = (t.clamp(-attn.config.clip_qkv, attn.config.clip_qkv) for t in (q, k, v))
-    cos, sin = cos[:, None, None], sin[:, None, None]
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], scale=attn.scaling)
-    h = h + attn.o_proj(out.reshape(b, -1))
-    return h + moe_forward(layer.mlp, _rms(layer.post_attention_layernorm, h)[:, None], top_k, gathered=True)[:, 0]
-
-
 class Stage2Scheduler(nn.Module):
     """A budget token through the VLM's layers 0-2 (frozen copies) against the prefix's cached keys/values.
 
     This is what running layers 0-2 over [prompt positions; budget token] computes at the budget
     token: the prompt's entries do not depend on it (causal attention), so they come from the cache
     the request's prefix already filled, and the controller pays for one token through 3 layers
-    (`one_token_layer`: well under a millisecond on a CPU).
+    (`one_token_layer`). Served, the token rides in the pass of layers 0-2 instead (agents/serving.py).
     """
 
     def __init__(self, vlm, hidden: int = 128):
@@ -178,16 +145,18 @@ class Stage2Scheduler(nn.Module):
     def forward(self, obs):
         return self.heads(self.budget_state(obs))
 
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        t = self.trunk(z)
+        return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1)
+
     def knob_logits(self, state: torch.Tensor) -> torch.Tensor:
         """top_k and blocks logits from the budget token's state after layer 2 (serving: no value)."""
-        t = self.trunk(self.norm(state))
-        return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1)
+        return self._logits(self.norm(state))
 
     def heads(self, state: torch.Tensor):
         """top_k and blocks logits and the value from the budget token's state after layer 2."""
         z = self.norm(state)
-        t = self.trunk(z)
-        return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1), self.v(z)
+        return self._logits(z), self.v(z)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -102,3 +102,27 @@ def test_bad_penalty():
         Penalty("quadratic")
     with pytest.raises(ValueError, match="weight"):
         Penalty("indicator", -1)
+
+
+def test_feature_cache_key_follows_the_weights_not_the_thread_count(tiny):
+    import torch
+
+    from envs.features import cache_key
+
+    meta = {"dataset": {"kind": "synthvqa", "seed": 1}}
+    threads = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            keys.append(cache_key(tiny, meta))
+    finally:
+        torch.set_num_threads(threads)
+    assert keys[0] == keys[1] and keys[0] != cache_key(tiny, {"dataset": {"kind": "synthvqa", "seed": 2}})
+    w = tiny.llm.layers[5].mlp.gate.weight
+    with torch.no_grad():
+        before = w[0, 0].clone()
+        w[0, 0] += 1e-3
+        changed = cache_key(tiny, meta)
+        w[0, 0] = before
+    assert changed != keys[0] and cache_key(tiny, meta) == keys[0]

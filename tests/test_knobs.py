@@ -157,7 +157,7 @@ def test_side_token_rides_the_prefix_without_a_trace(tiny, images, questions):
     assert a.token_ids == b_.token_ids
     torch.testing.assert_close(b_.step_logits[0], a.step_logits[0])
     # its state: one token through layers 0-2 against the prompt's cached keys/values at the seen positions
-    from policies.networks import one_token_layer
+    from envs.vlm.staged import one_token_layer
 
     h, position = token, prepared.valid.sum(1, keepdim=True)
     cos, sin = tiny.llm.rotary_emb(h[:, None], position)

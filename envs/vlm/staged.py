@@ -3,6 +3,8 @@
 Knobs are arguments here, never attributes set on shared modules, so concurrent or successive
 requests cannot leak into each other. The runner calls the layer's own submodules (norms,
 `OlmoeAttention`, router weight, `OlmoeExperts`), so the numerics are those of `transformers`.
+`one_token_layer` computes the same layer for one new token per row in plain tensor ops (the
+two-stage controller's budget token in replay), where the module path's plumbing dominates.
 """
 
 from __future__ import annotations
@@ -91,3 +93,36 @@ def run_layer(layer: nn.Module, h, position_embeddings, mask, cache: KVCache | N
     )
     h = residual + x
     return h + moe_forward(layer.mlp, layer.post_attention_layernorm(h), top_k)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`OlmoeRMSNorm` as one fused op."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def one_token_layer(layer: nn.Module, h, cos, sin, past_k, past_v, mask, top_k: int) -> torch.Tensor:
+    """`OlmoeDecoderLayer` for one new token per row against cached keys/values, in plain tensor ops.
+
+    h [B, d]; cos, sin [B, head_dim]; past_k, past_v [B, H, L, head_dim]; mask [B, L + 1] additive.
+    The same arithmetic as `run_layer` (the layer's own weights), with fused norms and attention and
+    without the module plumbing and per-expert loop that cost a CPU milliseconds for one token.
+    """
+    attn, b = layer.self_attn, h.shape[0]
+    heads, head_dim = past_k.shape[1], past_k.shape[-1]
+    x = _rms(layer.input_layernorm, h)
+    q = _rms(attn.q_norm, attn.q_proj(x)).view(b, heads, 1, head_dim)
+    k = _rms(attn.k_norm, attn.k_proj(x)).view(b, heads, 1, head_dim)
+    v = attn.v_proj(x).view(b, heads, 1, head_dim)
+    if attn.config.clip_qkv is not None:
+        q, k, v = (t.clamp(-attn.config.clip_qkv, attn.config.clip_qkv) for t in (q, k, v))
+    cos, sin = cos[:, None, None], sin[:, None, None]
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], scale=attn.scaling)
+    h = h + attn.o_proj(out.reshape(b, -1))
+    return h + moe_forward(layer.mlp, _rms(layer.post_attention_layernorm, h)[:, None], top_k, gathered=True)[:, 0]
