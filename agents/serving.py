@@ -1,27 +1,31 @@
-"""Serving a request with a trained two-stage controller: the path whose cost the environments charge.
+"""Serving a request with a trained controller: the path whose cost the environments charge.
 
-Stage 1 picks the tier from the budget (and the prompt). The VLM encodes that tier's crops. The
+Two-stage: stage 1 picks the tier from the budget (and the prompt). The VLM encodes that tier's crops. The
 budget token then rides in the pass of layers 0-2 that every request runs anyway (`KnobVLM.prefix`
 with a side token, attending to the same prompt positions the replay observation holds), so stage 2
 adds one token to that pass plus its heads; layers 3.. finish with the chosen top_k and blocks.
 Replay training computes the same budget-token state from cached keys and values
 (`Stage2Scheduler.budget_state`), so served and replayed decisions agree.
+Single-stage: the global crop is encoded first with the VLM's own encoder, the network picks all
+three knobs, and the low tier reuses the encoded crop.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from envs.budgets import budget_features, check_budget
-from envs.features import prompt_embedding, stage2_sees
+from envs.features import prompt_embedding, stage2_sees, summarise
 from envs.latency import StageTimer
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
-from policies.networks import N_TOP_K, Stage1Budget, TwoStageNet
+from policies.networks import N_TIER, N_TOP_K, SingleStageNet, Stage1Budget, TwoStageNet
 
 
 @dataclass
@@ -81,6 +85,89 @@ class TwoStageServer:
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
         total = (time.perf_counter() - t0) * 1e3
         return Served(gen.answers[0], config, dict(timer.ms), total)
+
+
+class SingleStageServer:
+    """Answers (image, question, budget) with a `SingleStageNet` over the VLM's own global-crop features."""
+
+    def __init__(self, net: SingleStageNet, vlm, full_ms: float):
+        self.net, self.vlm, self.full_ms = net.eval(), vlm, float(full_ms)
+        self.knobs = vlm.cfg.knob_lists()
+
+    def serve(self, image, question: str, budget_ms: float) -> Served:
+        budget_ms = check_budget(budget_ms)
+        timer, vlm = StageTimer(self.vlm.device), self.vlm
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            glance = StageTimer(self.vlm.device)  # the global crop: the VLM's low tier, reused there
+            with glance.stage("preprocess"):
+                pre = vlm.preprocess([image], [question], TIERS[0])
+            with glance.stage("vision"):
+                features = vlm.encode_vision(pre.pixels())
+            with glance.stage("connector"):
+                prepared = vlm.connect(pre, features)
+            with timer.stage("controller"):
+                obs = {"budget": torch.as_tensor(budget_features(budget_ms, self.full_ms))[None],
+                       "prompt": torch.as_tensor(prompt_embedding(vlm, question))[None],
+                       "global_view": torch.as_tensor(summarise(vlm, prepared, pre)[1])}  # fmt: skip
+                logits = self.net(obs)[0][0]
+                tier = int(logits[:N_TIER].argmax())
+                ki, bi = int(logits[N_TIER : N_TIER + N_TOP_K].argmax()), int(logits[N_TIER + N_TOP_K :].argmax())
+            if tier == 0:
+                for part in ("preprocess", "vision", "connector"):
+                    timer.ms[part] += glance.ms[part]
+            else:
+                timer.ms["controller"] += sum(glance.ms.values())
+                with timer.stage("preprocess"):
+                    pre = vlm.preprocess([image], [question], TIERS[tier])
+                with timer.stage("vision"):
+                    features = vlm.encode_vision(pre.pixels())
+                with timer.stage("connector"):
+                    prepared = vlm.connect(pre, features)
+            config = Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
+            with timer.stage("prefill"):
+                state = vlm.prefix(prepared)
+            gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
+        return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3)
+
+
+def load_policy(path: Path):
+    """A saved knob-rl policy (MaskablePPO) and its kind, "two_stage" or "single_stage"."""
+    from sb3_contrib import MaskablePPO
+
+    from policies.sb3 import SingleStagePolicy, TwoStagePolicy
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"policy file not found: {path}")
+    try:
+        model = MaskablePPO.load(path, device="cpu")
+    except Exception as e:  # a zip that is not an SB3 save, or one of a class we do not know
+        raise ValueError(f"{path} is not a saved knob-rl policy: {e}") from None
+    if isinstance(model.policy, TwoStagePolicy):
+        return model, "two_stage"
+    if isinstance(model.policy, SingleStagePolicy):
+        return model, "single_stage"
+    raise ValueError(f"{path} holds a {type(model.policy).__name__}, not a knob-rl policy")
+
+
+def server_for(path: Path):
+    """The server for a saved policy, over the VLM it was trained for and that model's latency profile."""
+    from agents.pipeline import assets_dir
+    from envs.vlm.checkpoint import load_model
+
+    model, kind = load_policy(path)
+    run_args = Path(path).parent / "args.json"
+    if kind == "single_stage" and run_args.is_file() and json.loads(run_args.read_text()).get("encoder") == "light":
+        raise ValueError(f"{path} decides on a distilled light encoder's features, which its run does not save; "
+                         "serve a policy trained with --encoder vlm")  # fmt: skip
+    profile = assets_dir(model.policy.vlm) / "latency_cpu.json"
+    if not profile.is_file():
+        raise FileNotFoundError(f"{profile} is missing: budgets are read against its full-config latency")
+    full_ms = float(json.loads(profile.read_text())["reference_full_ms"])
+    vlm = load_model(model.policy.vlm)
+    cls = TwoStageServer if kind == "two_stage" else SingleStageServer
+    return cls(model.policy.mlp_extractor.net, vlm, full_ms)
 
 
 def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 3) -> dict:

@@ -1,7 +1,10 @@
-"""Ask the VLM one question about one image with chosen knobs.
+"""Ask the VLM one question about one image with chosen knobs, or under a latency budget with the
+knobs a trained controller picks.
 
     python scripts/answer.py --model tiny --image cat.png --question "what colour?" \
         --tier high --top-k 8 --blocks 13 --json
+    python scripts/answer.py --policy runs/ppo_two_stage_budget/policy.zip --budget-ms 30 \
+        --image cat.png --question "what colour?" --json
     python scripts/answer.py --model tiny --list-knobs
 """
 
@@ -26,9 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--blocks", type=int)
     ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--policy", help="a saved controller (train_ppo.py's policy.zip): it picks the knobs")
+    ap.add_argument("--budget-ms", type=float, help="the request's latency budget, with --policy")
+    ap.add_argument("--warmup", type=int, default=2, help="with --policy: untimed runs of the request first")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the answer and its costs")
     ap.add_argument("--list-knobs", action="store_true", help="print the preset's knob values as JSON")
     args = ap.parse_args(argv)
+    if args.policy is not None:
+        return _serve(ap, args)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if args.list_knobs else "default")
@@ -63,6 +71,32 @@ def main(argv: list[str] | None = None) -> int:
         "latency_ms": {**{k: round(v, 3) for k, v in res.parts_ms.items()}, "total": round(res.total_ms, 3)},
     }
     print(json.dumps(out))
+    return 0
+
+
+def _serve(ap, args) -> int:
+    from agents.serving import server_for
+    from envs.budgets import BudgetError
+
+    if args.image is None or args.question is None or args.budget_ms is None:
+        ap.error("--policy needs --image, --question and --budget-ms")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = server_for(args.policy)
+            for _ in range(args.warmup + 1):  # a process's first requests pay one-time costs; time a warm one
+                served = server.serve(args.image, args.question, args.budget_ms)
+    except (InputError, CheckpointError, BudgetError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(served.answer)
+        return 0
+    c = served.config
+    print(json.dumps({"answer": served.answer, "tier": c.tier, "top_k": c.top_k, "blocks": c.blocks,
+                      "budget_ms": args.budget_ms, "within_budget": served.total_ms <= args.budget_ms,
+                      "latency_ms": {**{k: round(v, 3) for k, v in served.parts_ms.items()},
+                                     "total": round(served.total_ms, 3)}}))  # fmt: skip
     return 0
 
 

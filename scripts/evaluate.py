@@ -17,31 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-from sb3_contrib import MaskablePPO
-
 from agents.pipeline import Assets, assets_dir, controller_cost, evaluate_all
 from agents.report import markdown
+from agents.serving import load_policy
 from envs.budgets import BudgetError, Penalty, parse_distribution
 from envs.knob_env import replay_backend
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import weights_digest
 from envs.vlm.evaluate import all_configs
-from policies.sb3 import SingleStagePolicy, TwoStagePolicy
-
-
-def load_policy(path: Path) -> tuple[MaskablePPO, str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"policy file not found: {path}")
-    try:
-        model = MaskablePPO.load(path, device="cpu")
-    except Exception as e:  # a zip that is not an SB3 save, or one of a class we do not know
-        raise ValueError(f"{path} is not a saved knob-rl policy: {e}") from None
-    if isinstance(model.policy, TwoStagePolicy):
-        return model, "two_stage"
-    if isinstance(model.policy, SingleStagePolicy):
-        return model, "single_stage"
-    raise ValueError(f"{path} holds a {type(model.policy).__name__}, not a knob-rl policy")
 
 
 def test_table(assets: Assets, model_spec: str, seed: int, n: int) -> Path:

@@ -1,14 +1,16 @@
 """The two-stage serving path: the budget token rides in the layers 0-2 pass, and decides as replay does."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import _envs
 from sb3_contrib import MaskablePPO
 from torch import nn
 
-from agents.serving import TwoStageServer, two_stage_overhead_ms
+from agents.serving import SingleStageServer, TwoStageServer, server_for, two_stage_overhead_ms
 from envs.budgets import BudgetError
-from policies.sb3 import TwoStagePolicy, decide
+from envs.knob_env import SingleStageKnobEnv
+from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
 
 
 def _policy(env, vlm_dir, stage1):
@@ -52,3 +54,56 @@ def test_overhead_is_measured_and_a_bad_budget_is_refused(world, vlm_dir):
     assert got["total_ms"] == pytest.approx(got["networks_ms"] + max(got["budget_token_prefill_ms"], 0.0))
     with pytest.raises(BudgetError, match="positive finite"):
         server.serve(samples[0].image, samples[0].question, float("nan"))
+
+
+def test_single_stage_served_decisions_equal_the_live_environments(world, vlm_dir):
+    tiny, _, _, samples = world
+    _, env = _envs(world, SingleStageKnobEnv)
+    model = MaskablePPO(SingleStagePolicy, env, n_steps=16, seed=0, policy_kwargs={"vlm": vlm_dir})
+    for m in model.policy.mlp_extractor.net.modules():
+        if isinstance(m, nn.Linear):  # decisions that vary with budget and request
+            nn.init.normal_(m.weight, std=6.0 / m.in_features**0.5)
+    server = SingleStageServer(model.policy.mlp_extractor.net, tiny, env.full_ms)
+    configs = set()
+    for seed in range(6):
+        obs, info = env.reset(seed=seed)
+        *_, out = env.step(decide(model.policy, obs, env.action_masks()))
+        s = samples[info["sample"]]
+        served = server.serve(s.image, s.question, info["budget_ms"])
+        assert served.config == out["config"]
+        c = served.config
+        assert served.answer == tiny.answer([s.image], [s.question], c.tier, c.top_k, c.blocks).answers[0]
+        configs.add(c)
+    assert len(configs) > 1
+
+
+def test_answer_script_serves_a_saved_policy_and_refuses_what_it_cannot(world, vlm_dir, tmp_path, capsys):
+    """`answer.py --policy`: the knobs a saved controller picks, and clear errors."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from scripts.answer import main as answer_main
+
+    tiny, _, _, samples = world
+    shutil.copytree(vlm_dir, tmp_path / "m")  # a model directory with a profile beside the weights
+    (tmp_path / "run").mkdir()
+    (tmp_path / "m" / "latency_cpu.json").write_text(json.dumps({"reference_full_ms": 25.0}))
+    _, env = _envs(world)
+    model = _policy(env, str(tmp_path / "m"), "budget")
+    model.save(tmp_path / "run" / "policy.zip")
+    Image.fromarray(np.asarray(samples[0].image)).save(tmp_path / "img.png")
+    argv = ["--policy", str(tmp_path / "run" / "policy.zip"), "--image", str(tmp_path / "img.png"),
+            "--question", samples[0].question, "--warmup", "0"]  # fmt: skip
+    assert answer_main([*argv, "--budget-ms", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expect = server_for(tmp_path / "run" / "policy.zip").serve(samples[0].image, samples[0].question, 12.0)
+    assert (out["tier"], out["top_k"], out["blocks"]) == (expect.config.tier, expect.config.top_k, expect.config.blocks)
+    assert out["answer"] == expect.answer and out["latency_ms"]["total"] > 0
+    assert answer_main([*argv, "--budget-ms", "0"]) == 2 and "positive finite" in capsys.readouterr().err
+    (tmp_path / "run" / "args.json").write_text(json.dumps({"policy": "single_stage", "encoder": "light"}))
+    single = MaskablePPO(SingleStagePolicy, _envs(world, SingleStageKnobEnv)[1], n_steps=16,
+                         policy_kwargs={"vlm": str(tmp_path / "m")})  # fmt: skip
+    single.save(tmp_path / "run" / "policy.zip")
+    assert answer_main([*argv, "--budget-ms", "12"]) == 2 and "light encoder" in capsys.readouterr().err
