@@ -386,9 +386,7 @@ class KnobVLM(nn.Module):
             )
         cache.layers = {i: (k[:, :, :t], v[:, :, :t]) for i, (k, v) in cache.layers.items()}
         per_request = [(n + 1) * FIRST_KNOBBED_LAYER * self.cfg.llm.top_k for n in prepared.prompt_tokens]
-        state = PrefixState(prepared, h[:, :t], cache, positions[:, :t], per_request, counts)
-        state.side_state = h[:, t]
-        return state
+        return PrefixState(prepared, h[:, :t], cache, positions[:, :t], per_request, counts, side_state=h[:, t])
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.llm.norm(h_last))
