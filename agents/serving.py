@@ -22,10 +22,10 @@ import torch
 
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
-from envs.latency import StageTimer
+from envs.latency import StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
-from policies.networks import N_TIER, N_TOP_K, SingleStageNet, Stage1Budget, TwoStageNet
+from policies.networks import N_BLOCKS, N_TIER, N_TOP_K, SingleStageNet, Stage1Budget, TwoStageNet
 
 
 @dataclass
@@ -69,13 +69,8 @@ class TwoStageServer:
         t0 = time.perf_counter()
         with timer.stage("controller"):
             tier, token = self.choose_tier(question, budget_ms)
+        pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[tier], timer, run_prefix=False)
         with torch.no_grad():
-            with timer.stage("preprocess"):
-                pre = vlm.preprocess([image], [question], TIERS[tier])
-            with timer.stage("vision"):
-                features = vlm.encode_vision(pre.pixels())
-            with timer.stage("connector"):
-                prepared = vlm.connect(pre, features)
             with timer.stage("prefill"):
                 sees = stage2_sees(vlm, pre, prepared.valid.shape[1])
                 state = vlm.prefix(prepared, side_token=token.to(vlm.device), side_sees=sees.to(vlm.device))
@@ -98,32 +93,21 @@ class SingleStageServer:
         budget_ms = check_budget(budget_ms)
         timer, vlm = StageTimer(self.vlm.device), self.vlm
         t0 = time.perf_counter()
+        glance = StageTimer(self.vlm.device)  # the global crop: the VLM's low tier, reused there
+        pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[0], glance, run_prefix=False)
         with torch.no_grad():
-            glance = StageTimer(self.vlm.device)  # the global crop: the VLM's low tier, reused there
-            with glance.stage("preprocess"):
-                pre = vlm.preprocess([image], [question], TIERS[0])
-            with glance.stage("vision"):
-                features = vlm.encode_vision(pre.pixels())
-            with glance.stage("connector"):
-                prepared = vlm.connect(pre, features)
             with timer.stage("controller"):
                 obs = {"budget": torch.as_tensor(budget_features(budget_ms, self.full_ms))[None],
                        "prompt": torch.as_tensor(prompt_embedding(vlm, question))[None],
                        "global_view": torch.as_tensor(summarise(vlm, prepared, pre)[1])}  # fmt: skip
                 logits = self.net(obs)[0][0]
-                tier = int(logits[:N_TIER].argmax())
-                ki, bi = int(logits[N_TIER : N_TIER + N_TOP_K].argmax()), int(logits[N_TIER + N_TOP_K :].argmax())
+                tier, ki, bi = (int(part.argmax()) for part in torch.split(logits, [N_TIER, N_TOP_K, N_BLOCKS]))
             if tier == 0:
                 for part in ("preprocess", "vision", "connector"):
                     timer.ms[part] += glance.ms[part]
             else:
                 timer.ms["controller"] += sum(glance.ms.values())
-                with timer.stage("preprocess"):
-                    pre = vlm.preprocess([image], [question], TIERS[tier])
-                with timer.stage("vision"):
-                    features = vlm.encode_vision(pre.pixels())
-                with timer.stage("connector"):
-                    prepared = vlm.connect(pre, features)
+                pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[tier], timer, run_prefix=False)
             config = Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
             with timer.stage("prefill"):
                 state = vlm.prefix(prepared)
