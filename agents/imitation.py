@@ -1,9 +1,10 @@
 """Behaviour cloning of the oracle into an SB3 policy, value head included.
 
 Demonstrations come from the replay environment itself: for each episode's (sample, budget) the
-oracle config (best score that fits, ties to the cheapest, else the cheapest; by default the best expected score over
-similar requests, not the sample's own lucky one) becomes the actions, step by step, with the masks
-the environment shows. The loss is -log pi(oracle action | masked distribution)
+oracle config (best score that fits, ties to the cheapest, else the best reward under the penalty;
+by default scores are expected scores over similar requests, not the sample's own lucky ones)
+becomes the actions, step by step, with the masks the environment shows. The loss is
+-log pi(oracle action | masked distribution)
 plus a value regression on the oracle's discounted return.
 """
 
@@ -47,15 +48,16 @@ def oracle_action(env, scores: np.ndarray | None = None) -> tuple[int, int, int]
 
     Latencies include what the environment adds (controller time), so labels respect the budget.
     `scores` (`oracle_scores`) default to the sample's own. Where nothing fits, the label is the
-    cheapest config, not the best-reward one the evaluation's oracle takes (under the indicator
-    penalty, the best score): a label that jumps to the dearest configs just below the feasibility
-    edge taught the policies to overshoot budgets just above it (violations 0.13-0.65 after BC).
+    best-reward config under the env's penalty, as the evaluation's oracle takes (under the indicator
+    penalty, the best score). The label jumps there below the feasibility edge; the policies see the
+    edge in the headroom's signs (before they did, such labels made them overshoot budgets just
+    above it: violations 0.13-0.65 after BC, so the label was the cheapest config).
     """
     table = env.backend.table
     scores = table.score if scores is None else scores
     row = env.backend.valid[env._sample]
     latency = table.latency[row : row + 1] + env.added_latency()[None]
-    return config_knobs(int(oracle_from_arrays(scores[row : row + 1], latency, [env._budget])[0]))
+    return config_knobs(int(oracle_from_arrays(scores[row : row + 1], latency, [env._budget], env.penalty)[0]))
 
 
 def collect(env, episodes: int, gamma: float, seed: int = 0, oracle: str = "expected") -> Demonstrations:

@@ -119,7 +119,7 @@ class Assets:
 
         samples = dataset_samples(self.train.table.meta["dataset"], 0, n)
         budgets_ms = budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
-        server = TwoStageServer(model.policy.mlp_extractor.net, self.vlm, self.full_ms)
+        server = TwoStageServer(model.policy.mlp_extractor.net, self.vlm, self.full_ms, self.latency_model)
         return two_stage_overhead_ms(server, samples, budgets_ms)
 
     def env(self, kind, backend, budgets, penalty, controller_ms=0.0):
@@ -279,6 +279,8 @@ def run(args: Args) -> Path:
     controller_ms = controller["charged_ms"]
     for e in envs:
         e.controller_ms = controller_ms
+    # the policy carries the time its environment adds, so a server's headroom matches training's
+    model.policy.mlp_extractor.net.added_ms.copy_(torch.as_tensor(envs[0].added_latency()))
     print(f"controller overhead {controller_ms:.2f} ms per request")
 
     demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed, oracle=args.oracle)

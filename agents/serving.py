@@ -18,14 +18,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
-from envs.latency import StageTimer, timed_prefix
+from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
-from policies.networks import N_BLOCKS, N_TIER, N_TOP_K, SingleStageNet, Stage1Budget, TwoStageNet
+from policies.networks import N_BLOCKS, N_TIER, N_TOP_K
+from policies.numpy_heads import TwoStageHeads
 
 
 @dataclass
@@ -36,58 +38,70 @@ class Served:
     total_ms: float  # end to end
 
 
-class TwoStageServer:
-    """Answers (image, question, budget) with a `TwoStageNet` (e.g. `model.policy.mlp_extractor.net`)."""
+class _Server:
+    """A controller network beside the VLM, with the latency profile that predicts the headroom."""
 
-    def __init__(self, net: TwoStageNet, vlm, full_ms: float):
+    def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
         self.net, self.vlm, self.full_ms = net.eval(), vlm, float(full_ms)
         self.knobs = vlm.cfg.knob_lists()
+        self.predict = ConfigLatency(latency_model, self.knobs)
+        self.added_ms = net.added_ms.double().numpy()
 
-    @torch.inference_mode()
-    def choose_tier(self, question: str, budget_ms: float) -> tuple[int, torch.Tensor]:
-        """Stage 1: the tier, and the budget token's input embedding for that tier."""
-        budget = torch.as_tensor(budget_features(budget_ms, self.full_ms))[None]
-        obs = {"budget": budget}
-        if not isinstance(self.net.stage1, Stage1Budget):  # options B read the prompt embedding
-            obs["prompt"] = torch.as_tensor(prompt_embedding(self.vlm, question))[None]
-        tier = int(self.net.stage1.pi(self.net.stage1.inputs(obs)).argmax())
-        return tier, self.budget_token(budget, tier)
+    def budget_obs(self, image, question: str, budget_ms: float) -> dict[str, np.ndarray]:
+        """The budget features and the headroom over every config, as the environments compute them."""
+        predicted = self.predict(*self.vlm.request_shapes(image, question)) + self.added_ms
+        return {"budget": budget_features(budget_ms, self.full_ms),
+                "headroom": np.log(budget_ms / predicted).astype(np.float32)}  # fmt: skip
 
-    def budget_token(self, budget: torch.Tensor, tier: int) -> torch.Tensor:
-        onehot = torch.zeros(1, len(TIERS))
-        onehot[0, tier] = 1
-        return self.net.stage2.embed({"budget": budget, "tier": onehot})
 
-    @torch.inference_mode()
-    def choose_knobs(self, side_state: torch.Tensor) -> tuple[int, int]:
-        logits = self.net.stage2.knob_logits(side_state.float())[0]
-        return int(logits[:N_TOP_K].argmax()), int(logits[N_TOP_K:].argmax())
+class TwoStageServer(_Server):
+    """Answers (image, question, budget) with a `TwoStageNet` (e.g. `model.policy.mlp_extractor.net`),
+    its small layers run as numpy copies (`policies.numpy_heads`)."""
+
+    def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
+        super().__init__(net, vlm, full_ms, latency_model)
+        self.heads = TwoStageHeads(net)
+
+    def observe(self, image, question: str, budget_ms: float) -> dict[str, np.ndarray]:
+        """What stage 1 reads, before any vision work."""
+        obs = self.budget_obs(image, question, budget_ms)
+        if self.heads.reads_prompt:  # options B read the prompt embedding
+            obs["prompt"] = prompt_embedding(self.vlm, question)
+        return obs
+
+    def choose_tier(self, obs: dict) -> tuple[int, torch.Tensor, np.ndarray]:
+        """Stage 1: the tier, and the budget token's input embedding and the room for that tier."""
+        tier = self.heads.tier(obs["budget"], obs["headroom"], obs.get("prompt"))
+        return tier, *self.stage2_inputs(obs, tier)
+
+    def stage2_inputs(self, obs: dict, tier: int) -> tuple[torch.Tensor, np.ndarray]:
+        token, room = self.heads.budget_token(obs["budget"], obs["headroom"], tier)
+        return torch.from_numpy(token)[None], room
+
+    def choose_knobs(self, side_state: torch.Tensor, room: np.ndarray) -> tuple[int, int]:
+        return self.heads.knobs(side_state[0].float().cpu().numpy(), room)
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
         budget_ms = check_budget(budget_ms)
         timer, vlm = StageTimer(self.vlm.device), self.vlm
         t0 = time.perf_counter()
         with timer.stage("controller"):
-            tier, token = self.choose_tier(question, budget_ms)
+            tier, token, room = self.choose_tier(self.observe(image, question, budget_ms))
         pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[tier], timer, run_prefix=False)
         with torch.no_grad():
             with timer.stage("prefill"):
                 sees = stage2_sees(vlm, pre, prepared.valid.shape[1])
                 state = vlm.prefix(prepared, side_token=token.to(vlm.device), side_sees=sees.to(vlm.device))
             with timer.stage("controller"):
-                ki, bi = self.choose_knobs(state.side_state)
+                ki, bi = self.choose_knobs(state.side_state, room)
             config = Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
         total = (time.perf_counter() - t0) * 1e3
         return Served(gen.answers[0], config, dict(timer.ms), total)
 
 
-class SingleStageServer:
+class SingleStageServer(_Server):
     """Answers (image, question, budget) with a `SingleStageNet` over the VLM's own global-crop features."""
-
-    def __init__(self, net: SingleStageNet, vlm, full_ms: float):
-        self.net, self.vlm, self.full_ms = net.eval(), vlm, float(full_ms)
-        self.knobs = vlm.cfg.knob_lists()
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
         budget_ms = check_budget(budget_ms)
@@ -97,7 +111,8 @@ class SingleStageServer:
         pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[0], glance, run_prefix=False)
         with torch.no_grad():
             with timer.stage("controller"):
-                obs = {"budget": torch.as_tensor(budget_features(budget_ms, self.full_ms))[None],
+                obs = {k: torch.as_tensor(v)[None] for k, v in self.budget_obs(image, question, budget_ms).items()}
+                obs = {**obs,
                        "prompt": torch.as_tensor(prompt_embedding(vlm, question))[None],
                        "global_view": torch.as_tensor(summarise(vlm, prepared, pre)[1])}  # fmt: skip
                 logits = self.net(obs)[0][0]
@@ -147,11 +162,12 @@ def server_for(path: Path):
                          "serve a policy trained with --encoder vlm")  # fmt: skip
     profile = assets_dir(model.policy.vlm) / "latency_cpu.json"
     if not profile.is_file():
-        raise FileNotFoundError(f"{profile} is missing: budgets are read against its full-config latency")
-    full_ms = float(json.loads(profile.read_text())["reference_full_ms"])
+        raise FileNotFoundError(f"{profile} is missing: budgets are read against it and configs' latency predicted")
+    profile = json.loads(profile.read_text())
     vlm = load_model(model.policy.vlm)
     cls = TwoStageServer if kind == "two_stage" else SingleStageServer
-    return cls(model.policy.mlp_extractor.net, vlm, full_ms)
+    return cls(model.policy.mlp_extractor.net, vlm, float(profile["reference_full_ms"]),
+               LatencyModel.from_dict(profile["model"]))  # fmt: skip
 
 
 def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 3) -> dict:
@@ -163,11 +179,11 @@ def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: lis
         for r in range(repeats):
             for i, (sample, budget) in enumerate(zip(samples, budgets_ms, strict=True)):
                 t0 = time.perf_counter()
-                server.choose_tier(sample.question, budget)
+                obs = server.observe(sample.image, sample.question, budget)
+                server.choose_tier(obs)
                 t_net = time.perf_counter() - t0
                 tier = (i + r) % len(TIERS)  # every tier's prefix, whatever an untrained stage 1 prefers
-                with torch.inference_mode():
-                    token = server.budget_token(torch.as_tensor(budget_features(budget, server.full_ms))[None], tier)
+                token, room = server.stage2_inputs(obs, tier)
                 pre = vlm.preprocess([sample.image], [sample.question], TIERS[tier])
                 prepared = vlm.connect(pre, vlm.encode_vision(pre.pixels()))
                 sees = stage2_sees(vlm, pre, prepared.valid.shape[1])
@@ -178,7 +194,7 @@ def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: lis
                     runs[with_token] = time.perf_counter() - t0
                     if with_token:
                         t1 = time.perf_counter()
-                        server.choose_knobs(state.side_state)
+                        server.choose_knobs(state.side_state, room)
                         t_net += time.perf_counter() - t1
                 own.append(t_net * 1e3)
                 extra.append((runs[True] - runs[False]) * 1e3)

@@ -25,7 +25,7 @@ from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.staged import KVCache
 
 N_TEXT = 16
-FORMAT = "prefix-kv-v2"  # part of the cache key: caches of another layout are rebuilt, never misread
+FORMAT = "prefix-kv-v3"  # part of the cache key: caches of another layout are rebuilt, never misread
 
 
 def kv_shape(cfg) -> tuple[int, ...]:
@@ -41,6 +41,7 @@ class RequestFeatures:
     kv_mask: dict[str, np.ndarray]  # tier -> [positions]
     position: dict[str, int]  # tier -> rotary position of the budget token (= prompt length)
     global_view: np.ndarray  # [d]
+    crops: dict[str, int]  # tier -> views the VLM encodes (with `position`, the request's shapes)
 
 
 def prompt_embedding(model, question: str) -> np.ndarray:
@@ -118,7 +119,7 @@ def request_features(model, image, question: str) -> RequestFeatures:
 
 
 def batch_features(model, images: list, questions: list[str]) -> list[RequestFeatures]:
-    out = [RequestFeatures(None, {}, {}, {}, None) for _ in images]
+    out = [RequestFeatures(None, {}, {}, {}, None, {}) for _ in images]
     with torch.no_grad():
         for tier in TIERS:
             pre = model.preprocess(images, questions, tier)
@@ -126,6 +127,7 @@ def batch_features(model, images: list, questions: list[str]) -> list[RequestFea
             kv, mask, position = prefix_kv(model, model.prefix(prepared), pre)
             for i, f in enumerate(out):
                 f.kv[tier], f.kv_mask[tier], f.position[tier] = kv[i], mask[i], int(position[i])
+                f.crops[tier] = prepared.n_crops[i]
             if tier == TIERS[0]:  # prompt and global view are the same at every tier
                 for f, prompt, glob in zip(out, *summarise(model, prepared, pre), strict=True):
                     f.prompt, f.global_view = prompt, glob
@@ -141,6 +143,7 @@ class FeatureCache:
     kv_mask: np.ndarray  # [n, 3, positions]
     position: np.ndarray  # [n, 3]
     global_view: np.ndarray  # [n, d]
+    crops: np.ndarray  # [n, 3]
 
     @classmethod
     def build(cls, model, samples: list, batch_size: int = 64, progress: bool = True) -> FeatureCache:
@@ -154,16 +157,17 @@ class FeatureCache:
             np.stack([[f.kv_mask[t] for t in TIERS] for f in feats]),
             np.array([[f.position[t] for t in TIERS] for f in feats], np.int64),
             np.stack([f.global_view for f in feats]),
+            np.array([[f.crops[t] for t in TIERS] for f in feats], np.int64),
         )
 
     def save(self, path: Path) -> None:
         np.savez(path, prompt=self.prompt, kv=self.kv, kv_mask=self.kv_mask, position=self.position,
-                 global_view=self.global_view)  # fmt: skip
+                 global_view=self.global_view, crops=self.crops)  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> FeatureCache:
         z = np.load(path)
-        return cls(z["prompt"], z["kv"], z["kv_mask"], z["position"], z["global_view"])
+        return cls(z["prompt"], z["kv"], z["kv_mask"], z["position"], z["global_view"], z["crops"])
 
 
 def cache_key(model, table_meta: dict) -> str:

@@ -6,10 +6,13 @@ input and picks top_k and blocks; the env finishes the request and scores it.
 Single-stage: a 1-step episode; the global crop is encoded first (controller overhead, reused when
 tier = low) and one action picks all three knobs.
 
+Both observe the budget's `headroom` over each config: log(budget / the config's predicted latency
+for this request, controller time included), from the request's shapes and the latency profile, known
+before any vision work: the configs that fit are the ones with headroom >= 0.
 Both use `MultiDiscrete([3, 5, 5])` with `action_masks()` for MaskablePPO: only the knobs a step
 decides are open; the others are pinned to index 0 (step 0) or to the chosen tier (step 1).
 Backends: `ReplayBackend` reads an outcome table and cached features (fast); `LiveBackend` runs the
-VLM, with latency from a profile's latency model or measured end to end.
+VLM, with latency from a profile's latency model or measured end to end (`measure=True`).
 reward = score - penalty(latency, budget), latency including controller overhead.
 """
 
@@ -21,13 +24,14 @@ from gymnasium import spaces
 
 from envs.budgets import BudgetDistribution, Penalty, budget_features
 from envs.features import FeatureCache, kv_shape, prefix_kv, prompt_embedding, summarise
-from envs.latency import PARTS, LatencyModel, StageTimer, timed_prefix
+from envs.latency import PARTS, ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
 from envs.tasks.metrics import vqa_soft_accuracy
 from envs.vlm.evaluate import Config, all_configs
 from envs.vlm.presets import TIERS
 
 N_TOP_K, N_BLOCKS = 5, 5
+N_CONFIGS = 3 * N_TOP_K * N_BLOCKS
 
 
 def config_index(tier: int, k: int, b: int) -> int:
@@ -44,10 +48,11 @@ class ReplayBackend:
     """Outcomes and features recorded beforehand: an episode costs a few array lookups."""
 
     def __init__(self, table: OutcomeTable, features: FeatureCache, latency_model: LatencyModel, knob_lists: dict):
-        if len(table.configs) != 3 * N_TOP_K * N_BLOCKS or len(features.prompt) != len(table.sample_ids):
+        if len(table.configs) != N_CONFIGS or len(features.prompt) != len(table.sample_ids):
             raise ValueError("the outcome table and feature cache do not describe the same samples and 75 configs")
         self.table, self.features, self.latency_model, self.knob_lists = table, features, latency_model, knob_lists
         self.valid = np.flatnonzero(table.ok)
+        self.predicted = ConfigLatency(latency_model, knob_lists)(features.crops, features.position)  # [n, 75]
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -57,6 +62,9 @@ class ReplayBackend:
 
     def global_view(self, i: int) -> np.ndarray:
         return self.features.global_view[self.valid[i]]
+
+    def predicted_latency(self, i: int) -> np.ndarray:
+        return self.predicted[self.valid[i]]
 
     def stage2(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray, int]:
         j = self.valid[i]
@@ -70,11 +78,13 @@ class ReplayBackend:
 
 
 class LiveBackend:
-    """Runs the VLM per episode. `latency_model=None` measures latency end to end instead."""
+    """Runs the VLM per episode. The latency model predicts the headroom, and the latency unless
+    `measure` (then measured end to end)."""
 
-    def __init__(self, model, samples: list, latency_model: LatencyModel | None):
-        self.model, self.samples, self.latency_model = model, samples, latency_model
+    def __init__(self, model, samples: list, latency_model: LatencyModel, measure: bool = False):
+        self.model, self.samples, self.latency_model, self.measure = model, samples, latency_model, measure
         self.knob_lists = model.cfg.knob_lists()
+        self.predictor = ConfigLatency(latency_model, self.knob_lists)
         self._state = None
 
     def __len__(self) -> int:
@@ -82,6 +92,9 @@ class LiveBackend:
 
     def prompt(self, i: int) -> np.ndarray:
         return prompt_embedding(self.model, self.samples[i].question)
+
+    def predicted_latency(self, i: int) -> np.ndarray:
+        return self.predictor(*self.model.request_shapes(self.samples[i].image, self.samples[i].question))
 
     def global_view(self, i: int) -> np.ndarray:
         s = self.samples[i]
@@ -106,7 +119,7 @@ class LiveBackend:
         self._state = None
         s = self.samples[i]
         score = vqa_soft_accuracy(gen.answers[0], s.answers)
-        if self.latency_model is not None:
+        if not self.measure:
             p = state.prepared
             return score, self.latency_model.predict(p.n_crops[0], p.prompt_tokens[0], k, b, gen.decode_steps[0])
         parts = dict(timer.ms)
@@ -133,7 +146,12 @@ class _KnobEnv(gym.Env):
 
     def added_latency(self) -> np.ndarray:
         """Controller time added to each of the 75 configs' latency (oracle labels use it too)."""
-        return np.full(3 * N_TOP_K * N_BLOCKS, self.controller_ms)
+        return np.full(N_CONFIGS, self.controller_ms)
+
+    def _headroom(self) -> np.ndarray:
+        """log(budget / predicted latency) per config, controller time included: >= 0 where it fits."""
+        predicted = self.backend.predicted_latency(self._sample) + self.added_latency()
+        return np.log(self._budget / predicted).astype(np.float32)
 
     def _finish(self, cfg: int):
         score, parts = self.backend.outcome(self._sample, cfg)
@@ -161,6 +179,7 @@ class TwoStageKnobEnv(_KnobEnv):
         self.observation_space = spaces.Dict({
             "stage": spaces.Box(0, 1, (1,), f32),
             "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
+            "headroom": spaces.Box(-np.inf, np.inf, (N_CONFIGS,), f32),
             "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
             "tier": spaces.Box(0, 1, (3,), f32),
             "kv": spaces.Box(-np.inf, np.inf, tuple(kv), f32),
@@ -177,7 +196,7 @@ class TwoStageKnobEnv(_KnobEnv):
             tier[self._tier] = 1
             kv, mask, position = self._stage2
         return {"stage": np.array([self._stage], np.float32),
-                "budget": budget_features(self._budget, self.full_ms),
+                "budget": budget_features(self._budget, self.full_ms), "headroom": self._room.copy(),
                 "prompt": np.array(self._prompt, np.float32), "tier": tier,
                 "kv": np.array(kv, np.float32), "kv_mask": np.array(mask, np.float32),
                 "position": np.array([position], np.float32)}  # fmt: skip
@@ -187,6 +206,7 @@ class TwoStageKnobEnv(_KnobEnv):
         self._new_request()
         self._stage, self._tier = 0, 0
         self._prompt = self.backend.prompt(self._sample)
+        self._room = self._headroom()
         return self._obs(), {"budget_ms": self._budget, "sample": self._sample}
 
     def action_masks(self) -> np.ndarray:
@@ -220,19 +240,25 @@ class SingleStageKnobEnv(_KnobEnv):
         f32 = np.float32
         self.observation_space = spaces.Dict({
             "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
+            "headroom": spaces.Box(-np.inf, np.inf, (N_CONFIGS,), f32),
             "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
             "global_view": spaces.Box(-np.inf, np.inf, (d_model,), f32),
         })  # fmt: skip
 
     def _obs(self):
-        return {"budget": budget_features(self._budget, self.full_ms), "prompt": np.array(self._prompt, np.float32),
-                "global_view": np.array(self._global, np.float32)}  # fmt: skip
+        return {
+            "budget": budget_features(self._budget, self.full_ms),
+            "headroom": self._room.copy(),
+            "prompt": np.array(self._prompt, np.float32),
+            "global_view": np.array(self._global, np.float32),
+        }
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self._new_request()
         self._prompt = self.backend.prompt(self._sample)
         self._global = self.backend.global_view(self._sample)
+        self._room = self._headroom()
         return self._obs(), {"budget_ms": self._budget, "sample": self._sample}
 
     def action_masks(self) -> np.ndarray:

@@ -210,3 +210,32 @@ class LatencyModel:
         parts["controller"] = controller_ms
         parts["total"] = sum(parts[p] for p in PARTS)
         return parts
+
+
+class ConfigLatency:
+    """Predicted latency of every config (in `config_index` order) from a request's shapes, vectorised.
+
+    What a controller can know before any vision work: the crops and prompt tokens each tier would
+    give (`KnobVLM.request_shapes`), through the latency model, with `decode_steps` tokens fed back
+    (the answer's length is unknown beforehand; SynthVQA's one-word answers take one).
+    """
+
+    def __init__(self, model: LatencyModel, knob_lists: dict, decode_steps: int = 1):
+        kbs = [f"{k}|{b}" for k in knob_lists["top_k"] for b in knob_lists["blocks"]]
+        missing = [kb for kb in kbs if kb not in model.prefill_rest]
+        if missing:
+            raise ValueError(f"the latency profile has no configs top_k|blocks = {missing}")
+        n_tiers = len(knob_lists["tier"])
+        self.tier = np.repeat(np.arange(n_tiers), len(kbs))
+        self.rest = np.array([model.prefill_rest[kb] for kb in kbs] * n_tiers)  # [c, 2]
+        self.decode = np.array([model.decode_per_token[kb] for kb in kbs] * n_tiers) * decode_steps
+        self.per_crop, self.prefix = np.array(list(model.per_crop.values())), np.array(model.prefix)  # [3, 2], [2]
+
+    def __call__(self, crops, prompt_tokens) -> np.ndarray:
+        """crops, prompt_tokens: [..., tiers] -> predicted total latency (ms) [..., configs], float64."""
+        c = np.asarray(crops, dtype=np.float64)[..., self.tier, None]
+        t = np.asarray(prompt_tokens, dtype=np.float64)[..., self.tier]
+        vision = np.maximum(0.0, self.per_crop[:, 0] + self.per_crop[:, 1] * c).sum(-1)
+        prefill = np.maximum(0.0, self.prefix[0] + self.prefix[1] * t)
+        prefill = prefill + np.maximum(0.0, self.rest[:, 0] + self.rest[:, 1] * t)
+        return vision + prefill + self.decode

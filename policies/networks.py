@@ -9,6 +9,9 @@ prompt during the prefix (features.py: 32 positions), so the prompt is never rec
 token's hidden state feeds a scheduler MLP with a top_k head and a blocks head.
 Single-stage: fuses the global-crop feature, the pooled prompt and the budget by an MLP or a small
 Transformer, with three heads.
+Every decision also reads the budget's headroom (envs/knob_env.py: log(budget / predicted latency)
+per config) and its sign, so which configs fit is a feature, not a boundary to learn: stage 1 sees
+each tier's best headroom, stage 2 the chosen tier's 25, single-stage all 75.
 """
 
 from __future__ import annotations
@@ -24,6 +27,31 @@ from envs.vlm.staged import one_token_layer
 
 N_TIER, N_TOP_K, N_BLOCKS = 3, 5, 5
 N_BUDGET = 3
+N_CONFIGS = N_TIER * N_TOP_K * N_BLOCKS
+
+
+def with_fits(headroom: torch.Tensor) -> torch.Tensor:
+    """[..., n] headroom -> [..., 2n]: the headroom and whether each config fits (headroom >= 0)."""
+    return torch.cat([headroom, (headroom >= 0).to(headroom.dtype)], dim=-1)
+
+
+def by_tier(headroom: torch.Tensor) -> torch.Tensor:
+    """[B, 75] -> [B, tiers, top_k * blocks]."""
+    return headroom.reshape(-1, N_TIER, N_TOP_K * N_BLOCKS)
+
+
+def stage1_budget(obs) -> torch.Tensor:
+    """What stage 1 knows of the budget: its features and each tier's best headroom (and sign)."""
+    return torch.cat([obs["budget"], with_fits(by_tier(obs["headroom"]).amax(-1))], dim=-1)
+
+
+def tier_room(obs) -> torch.Tensor:
+    """The chosen tier's headroom over its top_k x blocks configs, with signs: [B, 50]."""
+    return with_fits((by_tier(obs["headroom"]) * obs["tier"][:, :, None]).sum(1))
+
+
+N_STAGE1 = N_BUDGET + 2 * N_TIER
+N_ROOM = 2 * N_TOP_K * N_BLOCKS
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -39,10 +67,10 @@ class Stage1Budget(nn.Module):
 
     def __init__(self, d_model: int, hidden: int = 96):
         super().__init__()
-        self.pi, self.v = mlp([N_BUDGET, hidden, hidden, N_TIER]), mlp([N_BUDGET, 32, 1])
+        self.pi, self.v = mlp([N_STAGE1, hidden, hidden, N_TIER]), mlp([N_STAGE1, 32, 1])
 
     def inputs(self, obs) -> torch.Tensor:
-        return obs["budget"]
+        return stage1_budget(obs)
 
     def forward(self, obs):
         x = self.inputs(obs)
@@ -55,10 +83,10 @@ class Stage1Prompt(nn.Module):
     def __init__(self, d_model: int, hidden: int = 128):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.pi, self.v = mlp([N_BUDGET + d_model, hidden, hidden, N_TIER]), mlp([N_BUDGET + d_model, hidden, 1])
+        self.pi, self.v = mlp([N_STAGE1 + d_model, hidden, hidden, N_TIER]), mlp([N_STAGE1 + d_model, hidden, 1])
 
     def inputs(self, obs) -> torch.Tensor:
-        return torch.cat([obs["budget"], self.norm(obs["prompt"])], dim=-1)
+        return torch.cat([stage1_budget(obs), self.norm(obs["prompt"])], dim=-1)
 
     def forward(self, obs):
         x = self.inputs(obs)
@@ -72,14 +100,14 @@ class SemanticRouter(nn.Module):
         super().__init__()
         self.register_buffer("centroids", torch.tensor(routes, dtype=torch.float32))
         r = len(routes)
-        self.pi, self.v = mlp([N_BUDGET + r, hidden, N_TIER]), mlp([N_BUDGET + r, hidden, 1])
+        self.pi, self.v = mlp([N_STAGE1 + r, hidden, N_TIER]), mlp([N_STAGE1 + r, hidden, 1])
 
     def route(self, prompt: torch.Tensor) -> torch.Tensor:
         return torch.cdist(prompt, self.centroids).argmin(dim=-1)
 
     def inputs(self, obs) -> torch.Tensor:
         onehot = nn.functional.one_hot(self.route(obs["prompt"]), len(self.centroids)).float()
-        return torch.cat([obs["budget"], onehot], dim=-1)
+        return torch.cat([stage1_budget(obs), onehot], dim=-1)
 
     def forward(self, obs):
         x = self.inputs(obs)
@@ -121,15 +149,15 @@ class Stage2Scheduler(nn.Module):
         self.top_k = vlm.cfg.llm.top_k
         for p in self.layers.parameters():
             p.requires_grad_(False)
-        self.budget_token = nn.Linear(N_BUDGET + N_TIER, d)
+        self.budget_token = nn.Linear(N_BUDGET + N_TIER + N_ROOM, d)
         self.norm = nn.LayerNorm(d)
-        self.trunk = nn.Sequential(nn.Linear(d, hidden), nn.Tanh())
+        self.trunk = nn.Sequential(nn.Linear(d + N_ROOM, hidden), nn.Tanh())  # the room again, unblurred
         self.top_k_head, self.blocks_head = nn.Linear(hidden, N_TOP_K), nn.Linear(hidden, N_BLOCKS)
         self.v = mlp([d, hidden, 1])
 
     def embed(self, obs) -> torch.Tensor:
-        """The budget token's input embedding [B, d], from the budget and the chosen tier."""
-        return self.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))
+        """The budget token's input embedding [B, d], from the budget, the chosen tier and its room."""
+        return self.budget_token(torch.cat([obs["budget"], obs["tier"], tier_room(obs)], dim=-1))
 
     def budget_state(self, obs) -> torch.Tensor:
         """The budget token's hidden state after layer 2: [B, d]. obs["kv"] is [B, layers, 2, H, L, hd]."""
@@ -143,20 +171,21 @@ class Stage2Scheduler(nn.Module):
         return h
 
     def forward(self, obs):
-        return self.heads(self.budget_state(obs))
+        return self.heads(self.budget_state(obs), tier_room(obs))
 
-    def _logits(self, z: torch.Tensor) -> torch.Tensor:
-        t = self.trunk(z)
+    def _logits(self, z: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        t = self.trunk(torch.cat([z, room], dim=-1))
         return torch.cat([self.top_k_head(t), self.blocks_head(t)], dim=-1)
 
-    def knob_logits(self, state: torch.Tensor) -> torch.Tensor:
-        """top_k and blocks logits from the budget token's state after layer 2 (serving: no value)."""
-        return self._logits(self.norm(state))
+    def knob_logits(self, state: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        """top_k and blocks logits from the budget token's state after layer 2 and the tier's room
+        (`tier_room`); serving: no value."""
+        return self._logits(self.norm(state), room)
 
-    def heads(self, state: torch.Tensor):
+    def heads(self, state: torch.Tensor, room: torch.Tensor):
         """top_k and blocks logits and the value from the budget token's state after layer 2."""
         z = self.norm(state)
-        return self._logits(z), self.v(z)
+        return self._logits(z, room), self.v(z)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -181,6 +210,9 @@ class TwoStageNet(nn.Module):
         else:
             raise ValueError(f"unknown stage-1 variant {stage1!r}; choose budget, prompt or router")
         self.stage2 = Stage2Scheduler(vlm)
+        # the controller time its environment added to each config's latency in training: a server
+        # adds it to its predictions, so headroom means what it meant in training
+        self.register_buffer("added_ms", torch.zeros(N_CONFIGS))
 
     def forward(self, obs):
         stage2 = obs["stage"][:, 0] > 0.5
@@ -209,13 +241,14 @@ class SingleStageNet(nn.Module):
         d = vlm.cfg.llm.d_model
         self.fusion = fusion
         self.norm_g, self.norm_p = nn.LayerNorm(d), nn.LayerNorm(d)
+        n_budget = N_BUDGET + 2 * N_CONFIGS
         if fusion == "mlp":
             self.body = nn.Sequential(
-                nn.Linear(2 * d + N_BUDGET, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+                nn.Linear(2 * d + n_budget, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
             )
         elif fusion == "transformer":
             self.proj_g, self.proj_p = nn.Linear(d, hidden), nn.Linear(d, hidden)
-            self.proj_b = nn.Linear(N_BUDGET, hidden)
+            self.proj_b = nn.Linear(n_budget, hidden)
             self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
             layer = nn.TransformerEncoderLayer(hidden, 4, 2 * hidden, dropout=0.0, batch_first=True)
             self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
@@ -223,12 +256,14 @@ class SingleStageNet(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; choose mlp or transformer")
         self.pi = nn.Linear(hidden, N_TIER + N_TOP_K + N_BLOCKS)
         self.v = nn.Linear(hidden, 1)
+        self.register_buffer("added_ms", torch.zeros(N_CONFIGS))  # as in TwoStageNet
 
     def forward(self, obs):
         g, p = self.norm_g(obs["global_view"]), self.norm_p(obs["prompt"])
+        budget = torch.cat([obs["budget"], with_fits(obs["headroom"])], dim=-1)
         if self.fusion == "mlp":
-            z = self.body(torch.cat([g, p, obs["budget"]], dim=-1))
+            z = self.body(torch.cat([g, p, budget], dim=-1))
         else:
-            toks = torch.stack([self.proj_g(g), self.proj_p(p), self.proj_b(obs["budget"])], dim=1)
+            toks = torch.stack([self.proj_g(g), self.proj_p(p), self.proj_b(budget)], dim=1)
             z = self.body(torch.cat([self.cls.expand(len(toks), -1, -1), toks], dim=1))[:, 0]
         return self.pi(z), self.v(z)

@@ -32,6 +32,26 @@ def test_live_and_replay_agree_under_the_same_seed(world, cls):
         assert i1["latency_ms"] == pytest.approx(i2["latency_ms"], abs=1e-3)
 
 
+@pytest.mark.parametrize("cls,kw", [(TwoStageKnobEnv, {}), (SingleStageKnobEnv, {"global_ms": 2.0})])
+def test_headroom_is_the_budget_over_each_configs_predicted_latency(world, cls, kw):
+    model, _, _, samples = world
+    env, _ = _envs(world, cls, controller_ms=0.5, **kw)
+    lm, knobs = env.backend.latency_model, model.cfg.knob_lists()
+    seen = set()
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        s = samples[env.backend.valid[env._sample]]
+        crops, tokens = model.request_shapes(s.image, s.question)
+        predicted = np.array([lm.predict(crops[t], tokens[t], k, b, 1)["total"] for t in range(3)
+                              for k in knobs["top_k"] for b in knobs["blocks"]]) + env.added_latency()  # fmt: skip
+        np.testing.assert_allclose(obs["headroom"], np.log(env._budget / predicted), atol=1e-6)
+        assert ((obs["headroom"] >= 0) == (predicted <= env._budget)).all()
+        seen.add(int((obs["headroom"] >= 0).sum()))
+        if cls is TwoStageKnobEnv:  # the same headroom at both steps
+            np.testing.assert_array_equal(env.step([1, 0, 0])[0]["headroom"], obs["headroom"])
+    assert len(seen) > 2  # budgets where none, some and other numbers of configs fit
+
+
 def test_two_stage_masks_pin_the_undecided_knobs(world):
     env, _ = _envs(world)
     env.reset(seed=1)

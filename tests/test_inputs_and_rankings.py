@@ -29,6 +29,16 @@ def test_select_tiling(h, w, max_crops, expected):
     assert select_tiling(h, w, 48, max_crops) == expected
 
 
+@pytest.mark.parametrize("h,w", [(160, 160), (100, 220), (300, 50), (64, 64), (20, 900)])
+def test_request_shapes_are_what_preprocess_makes_at_every_tier(tiny, h, w):
+    image, question = random_image(h, w), "which letter is in the top left corner?"
+    crops, tokens = tiny.request_shapes(image, question)
+    for tier, c, t in zip(("low", "medium", "high"), crops, tokens, strict=True):
+        pre = tiny.preprocess([image], [question], tier)
+        assert (c, t) == (pre.crops[0].n_crops, len(pre.token_ids[0]))
+    assert crops[0] == 1 and crops[0] <= crops[1] <= crops[2]
+
+
 def test_crops_overlap_and_mark_padding():
     cfg = get_preset("tiny").vision
     img = random_image(60, 200, 0)  # wide: the global view is padded top and bottom

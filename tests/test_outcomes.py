@@ -12,7 +12,7 @@ import pytest
 from conftest import fake_latency
 
 from envs.budgets import Penalty
-from envs.latency import PARTS, LatencyModel, profile_latency
+from envs.latency import PARTS, ConfigLatency, LatencyModel, profile_latency
 from envs.oracle import (
     best_static_config,
     expected_scores,
@@ -50,6 +50,20 @@ def test_latency_model_recovers_linear_costs():
     assert p["total"] == pytest.approx(sum(p[k] for k in PARTS))
     with pytest.raises(ValueError, match="no config top_k=3"):
         lm.predict(5, 130, 3, 5, 1)
+
+
+def test_config_latency_predicts_every_config_as_the_latency_model_does(tiny):
+    from conftest import fake_latency
+
+    lm, knobs = LatencyModel.from_dict(fake_latency()), tiny.cfg.knob_lists()
+    crops, tokens = [1, 5, 10], [34, 122, 232]
+    got = ConfigLatency(lm, knobs, decode_steps=2)(np.array([crops, crops]), np.array([tokens, tokens]))
+    assert got.shape == (2, 75)
+    expect = [lm.predict(crops[t], tokens[t], k, b, 2)["total"] for t in range(3) for k in knobs["top_k"]
+              for b in knobs["blocks"]]  # fmt: skip
+    np.testing.assert_allclose(got[1], expect, rtol=1e-12)
+    with pytest.raises(ValueError, match="no configs"):
+        ConfigLatency(lm, {**knobs, "top_k": [3]})
 
 
 def test_profile_has_every_stage_and_config(tiny):

@@ -148,6 +148,13 @@ def test_violation_rate_counts_only_budgets_the_cheapest_config_fits(world):
     assert 0 < s["feasible_fraction"] < 1  # some budgets are below every config's latency
     assert s["violation_rate_feasible"] == 0.0
     assert s["violation_rate"] == pytest.approx(1 - s["feasible_fraction"])
+    # with controller time, budgets within it above the cheapest config are lost, but not unreachable
+    env.controller_ms = 3.0
+    r = run_episodes(env, config_chooser(lambda e: int(np.argmin(table.latency[rows[e._sample]]))), 80, seed=0)
+    s = summarize(r)
+    lost = r["feasible"] & ~r["reachable"]
+    assert lost.any() and s["violation_rate_reachable"] == 0.0 and s["violation_rate_feasible"] > 0
+    assert r["violation"][lost].all()
 
 
 def test_keep_best_on_validation_restores_the_best_checked_parameters(world, vlm_dir):

@@ -8,6 +8,7 @@ from sb3_contrib import MaskablePPO
 
 from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
 from policies.networks import SemanticRouter, Stage1Budget, Stage2Scheduler, TwoStageNet
+from policies.numpy_heads import TwoStageHeads
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
 
 
@@ -38,6 +39,25 @@ def test_two_stage_net_routes_by_stage_and_freezes_vlm_layers(world, tiny):
     # the budget changes stage-2 decisions: the budget token is read through the VLM layers
     other = dict(batch, budget=batch["budget"] + 1.0)
     assert not torch.allclose(net(batch)[0], net(other)[0])
+
+
+def test_stage1_reads_each_tiers_best_headroom_and_stage2_only_the_chosen_tiers(world, tiny):
+    env, _ = _envs(world)
+    net = TwoStageNet(tiny, "budget")
+    batch = _obs_batch(env)
+    room = batch["headroom"].reshape(4, 3, 25)
+    x = net.stage1.inputs(batch)
+    assert x.shape == (4, 9)
+    torch.testing.assert_close(x[:, 3:6], room.amax(-1))
+    assert (x[:, 6:] == (room.amax(-1) >= 0).float()).all()
+    env.reset(seed=0)
+    second = {k: torch.as_tensor(v)[None] for k, v in env.step([1, 0, 0])[0].items()}
+    other_tier, own_tier = second["headroom"].clone(), second["headroom"].clone()
+    other_tier[:, :25] += 1.0  # the low tier's configs: not the chosen tier
+    own_tier[:, 25:50] += 1.0
+    base = net(second)[0]
+    torch.testing.assert_close(net(dict(second, headroom=other_tier))[0], base)
+    assert not torch.allclose(net(dict(second, headroom=own_tier))[0], base)
 
 
 def test_semantic_router_routes_to_nearest_centroid():
@@ -88,9 +108,10 @@ def test_stage2_reads_the_prefix_cache_exactly_like_recomputing_layers_0_2(tiny,
         t = prepared.embeds.shape[1]
         kv = torch.stack([torch.stack(state.cache.layers[i], dim=1) for i in range(3)], dim=1)  # [1, 3, 2, H, T, hd]
         obs = {"budget": torch.tensor([[0.3, -0.2, 0.5]]), "tier": torch.tensor([[0.0, 1.0, 0.0]]), "kv": kv,
-               "kv_mask": torch.ones(1, t), "position": torch.tensor([[float(t)]])}  # fmt: skip
+               "kv_mask": torch.ones(1, t), "position": torch.tensor([[float(t)]]),
+               "headroom": torch.linspace(-1, 1, 75)[None]}  # fmt: skip
         reused = net.budget_state(obs)
-        budget = net.budget_token(torch.cat([obs["budget"], obs["tier"]], dim=-1))[:, None]
+        budget = net.embed(obs)[:, None]
         h = torch.cat([prepared.embeds, budget], dim=1)
         valid = torch.ones(1, t + 1, dtype=torch.bool)
         recomputed = tiny._run(range(3), h, tiny._positions(valid), valid, None, 8, [0] * 16)[:, -1]
@@ -118,3 +139,25 @@ def test_stage2_costs_one_token_through_three_layers(world, tiny):
     for h in hooks:
         h.remove()
     assert seen == [1, 1, 1]  # tokens through layers 0, 1, 2
+
+
+@pytest.mark.parametrize("stage1", ["budget", "prompt", "router"])
+def test_numpy_heads_compute_what_the_torch_network_does(world, tiny, stage1):
+    """The server's numpy copies (policies/numpy_heads.py) of stage 1, the token embedding and the heads."""
+    env, _ = _envs(world)
+    routes = SemanticRouter.fit_routes(world[2].prompt, 3) if stage1 == "router" else None
+    net, close = TwoStageNet(tiny, stage1, routes), {"atol": 1e-5, "rtol": 1e-5}
+    heads = TwoStageHeads(net)
+    with torch.no_grad():
+        for seed in range(6):
+            obs, _ = env.reset(seed=seed)
+            batch = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
+            logits = heads.tier_logits(obs["budget"], obs["headroom"], obs["prompt"])
+            torch.testing.assert_close(torch.as_tensor(logits)[None], net(batch)[0][:, :3], **close)
+            tier = seed % 3
+            second = {k: torch.as_tensor(v)[None] for k, v in env.step([tier, 0, 0])[0].items()}
+            token, room = heads.budget_token(obs["budget"], obs["headroom"], tier)
+            torch.testing.assert_close(torch.as_tensor(token)[None], net.stage2.embed(second), **close)
+            state = net.stage2.budget_state(second)
+            logits = heads.knob_logits(state[0].numpy(), room)
+            torch.testing.assert_close(torch.as_tensor(logits)[None], net(second)[0][:, 3:], **close)

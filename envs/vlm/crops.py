@@ -8,6 +8,7 @@ patch so the connector can add Molmo's pad embeddings.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def load_image(image) -> Image.Image:
     raise InputError(f"unsupported image type {type(image).__name__}")
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of four ints, asked again for every request
 def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple[int, int]:
     """Molmo's rule: cover the image at native size with the fewest pixels, else shrink least."""
     tilings = [(i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1) if i * j <= max_crops]
@@ -85,6 +87,31 @@ def _region(placement: np.ndarray, y: float, x: float, size: int) -> list[float]
     return [(y - top) / sy, (x - left) / sx, (y + size - top) / sy, (x + size - left) / sx]
 
 
+def tiling_for(height: int, width: int, max_crops: int, cfg: VisionConfig) -> tuple[int, int]:
+    """The (rows, cols) of tiled crops an image of this size gets; (0, 0) for the global view only."""
+    if max_crops <= 0:
+        return (0, 0)
+    margin = cfg.overlap_margin * cfg.patch_size
+    return select_tiling(height - 2 * margin, width - 2 * margin, cfg.crop_size - 2 * margin, max_crops)
+
+
+def image_size(image) -> tuple[int, int]:
+    """(height, width) without decoding pixels where the input allows (arrays, PIL images)."""
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        return image.shape[0], image.shape[1]
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    img = load_image(image)  # paths, and clear errors for anything else
+    return img.height, img.width
+
+
+def crop_count(size: tuple[int, int], max_crops: int, cfg: VisionConfig) -> int:
+    """How many views `make_crops` makes (global view + tiles) for an image of `size` (height, width):
+    known before any pixel work, so a controller can predict a tier's cost before choosing it."""
+    rows, cols = tiling_for(size[0], size[1], max_crops, cfg)
+    return 1 + rows * cols
+
+
 def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
     img = load_image(image)
     if img.width < 1 or img.height < 1:
@@ -92,11 +119,10 @@ def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
     size, patch = cfg.crop_size, cfg.patch_size
     pixels, mask, placement = resize_and_pad(img, size, size)
     views, regions = [(pixels, mask)], [_region(placement, 0, 0, size)]
-    tiling = (0, 0)
+    tiling = tiling_for(img.height, img.width, max_crops, cfg)
     if max_crops > 0:
         margin = cfg.overlap_margin * patch
         window = size - 2 * margin
-        tiling = select_tiling(img.height - 2 * margin, img.width - 2 * margin, window, max_crops)
         big, big_mask, placement = resize_and_pad(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
         for i in range(tiling[0]):
             for j in range(tiling[1]):

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig, OlmoeModel
 
 from envs.vlm.connector import MolmoConnector
-from envs.vlm.crops import Crops, make_crops
+from envs.vlm.crops import Crops, crop_count, image_size, make_crops
 from envs.vlm.errors import InputError, KnobError
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS, VLMConfig
 from envs.vlm.ranking import BlockRanking
@@ -244,6 +244,15 @@ class KnobVLM(nn.Module):
             token_ids.append(seq)
             patch_positions.append(pos)
         return Preprocessed(tier, crops, token_ids, patch_positions, answer_lengths, text_lengths)
+
+    def request_shapes(self, image, question: str) -> tuple[list[int], list[int]]:
+        """Crops and prompt tokens (vision + text) of a request at every tier, from the image's size
+        and the question's length alone: what `preprocess` would make, known before any pixel work."""
+        size, side = image_size(image), self.cfg.vision.tokens_per_side
+        n_text = len(self.tokenizer.prompt_ids(question))
+        crops = [crop_count(size, self.cfg.knobs.max_crops[t], self.cfg.vision) for t in TIERS]
+        # bos, then per crop: im_start, side rows of (side patches + im_col), im_end; then the text
+        return crops, [1 + c * (2 + side * (side + 1)) + n_text for c in crops]
 
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] -> [n, P*P, feature_width]: two ViT layers' patch features, concatenated.
