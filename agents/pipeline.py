@@ -53,7 +53,7 @@ class Args:
     bc_epochs: int = 15
     ppo_steps: int = 65536
     select_every: int = 8192  # PPO steps between validation checks (0: keep the last parameters)
-    select_episodes: int = 200  # validation episodes per budget distribution and check
+    select_episodes: int = 500  # validation episodes per budget distribution and check
     n_envs: int = 8
     eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
@@ -158,20 +158,25 @@ def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets,
 
 class KeepBestOnValidation(BaseCallback):
     """Scores the policy on held-out requests every `every` steps and restores the best parameters at
-    the end: PPO's last update is not always its best, and the behaviour-cloned start is a candidate,
-    so fine-tuning cannot end below its start on the validation split."""
+    the end: PPO's last update is not always its best. `score(model)` gives the mean reward per
+    budget distribution on fixed episodes; a check is a candidate only if it is not below the
+    behaviour-cloned start (the first check, always a candidate) on any distribution, and the
+    candidate with the best mean is kept: fine-tuning cannot end below its start on validation."""
 
     def __init__(self, score, every: int):
         super().__init__()
         self.score, self.every, self.last = score, every, 0
-        self.history: list[tuple[int, float]] = []
+        self.history: list[tuple[int, float, bool]] = []  # (step, mean reward, candidate)
+        self.start: np.ndarray | None = None
         self.best, self.best_step, self.best_state = -np.inf, 0, None
 
     def _check(self) -> None:
-        reward = float(self.score(self.model))
-        self.history.append((self.num_timesteps, reward))
+        rewards = np.atleast_1d(np.asarray(self.score(self.model), dtype=np.float64))
+        self.start = rewards if self.start is None else self.start
+        reward, candidate = float(rewards.mean()), bool((rewards >= self.start).all())
+        self.history.append((self.num_timesteps, reward, candidate))
         self.logger.record("val/mean_reward", reward)
-        if reward > self.best:
+        if candidate and reward > self.best:
             self.best, self.best_step = reward, self.num_timesteps
             self.best_state = {k: v.detach().clone() for k, v in self.model.policy.state_dict().items()}
 
@@ -238,14 +243,14 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
     return results
 
 
-def validation_reward(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float) -> float:
-    """Mean reward on the validation split over the evaluation's budget distributions (fixed episodes)."""
+def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float) -> np.ndarray:
+    """Mean reward on the validation split per evaluation budget distribution (the same episodes every call)."""
     penalty = Penalty(args.penalty, args.penalty_weight)
     rewards = []
     for spec in args.eval_budgets.split(","):
         env = assets.env(args.policy, assets.val, parse_distribution(spec), penalty, controller_ms)
         rewards.append(run_episodes(env, policy_chooser(model), args.select_episodes, seed=20_000)["reward"].mean())
-    return float(np.mean(rewards))
+    return np.array(rewards)
 
 
 def run(args: Args) -> Path:
@@ -292,7 +297,7 @@ def run(args: Args) -> Path:
 
     callbacks, keep = [EpisodeLogger()], None
     if assets.val is not None and args.select_every > 0:
-        keep = KeepBestOnValidation(lambda m: validation_reward(assets, args, m, controller_ms), args.select_every)
+        keep = KeepBestOnValidation(lambda m: validation_rewards(assets, args, m, controller_ms), args.select_every)
         callbacks.append(keep)
     model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
     if keep is not None:

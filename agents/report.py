@@ -23,9 +23,10 @@ def markdown(meta: dict, results: dict) -> str:
              f"{meta['peak_memory_mb']:.0f} MB", ""]  # fmt: skip
     sel = meta.get("selection")
     if sel:
-        checks = ", ".join(f"{step}: {r:.3f}" for step, r in sel["history"])
+        checks = ", ".join(f"{h[0]}: {h[1]:.3f}{'' if len(h) < 3 or h[2] else '*'}" for h in sel["history"])
         lines[2:2] = [f"PPO parameters kept from step {sel['kept_step']} (mean validation reward at each check, "
-                      f"step: reward; step 0 is the behaviour-cloned start): {checks}", ""]  # fmt: skip
+                      f"step: reward; step 0 is the behaviour-cloned start; * below the start on some "
+                      f"budget distribution, not a candidate): {checks}", ""]  # fmt: skip
     c = meta.get("controller", {})
     if "budget_token_prefill_ms" in c:
         lines[2:2] = [f"two-stage serving path (agents/serving.py, medians of {c['requests']} requests): "

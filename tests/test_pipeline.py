@@ -54,7 +54,7 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
         assert block["ppo"]["controller_ms"] > 0 and block["oracle"]["controller_ms"] == 0
     assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
     sel = report["meta"]["selection"]  # validation checks: the BC start, then every 512 steps (one rollout)
-    assert [step for step, _ in sel["history"]] == [0, 512] and sel["kept_step"] in (0, 512)
+    assert [step for step, *_ in sel["history"]] == [0, 512] and sel["kept_step"] in (0, 512)
     if policy == "two_stage":
         c = report["meta"]["controller"]
         assert c["charged_ms"] == report["meta"]["controller_ms"] == c["total_ms"] > 0 and c["requests"] == 24
@@ -176,8 +176,26 @@ def test_keep_best_on_validation_restores_the_best_checked_parameters(world, vlm
 
     keep = KeepBestOnValidation(score, every=16)
     model.learn(64, callback=keep)
-    assert [step for step, _ in keep.history] == [0, 16, 32, 48, 64] and keep.best_step == 32
+    assert [step for step, *_ in keep.history] == [0, 16, 32, 48, 64] and keep.best_step == 32
     best, last = snapshots[2], snapshots[-1]
     assert any(not torch.equal(best[k], last[k]) for k in best)  # training moved on after the best check
     for k, v in model.policy.state_dict().items():
         torch.testing.assert_close(v, best[k])
+
+
+def test_keep_best_on_validation_refuses_checks_below_the_start_on_any_distribution(world, vlm_dir):
+    """Per-distribution rewards: the best mean is not kept where it loses to the start on one distribution."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.pipeline import KeepBestOnValidation
+    from envs.knob_env import SingleStageKnobEnv
+    from policies.sb3 import SingleStagePolicy
+
+    env, _ = _envs(world, SingleStageKnobEnv)
+    model = MaskablePPO(SingleStagePolicy, env, n_steps=16, batch_size=8, n_epochs=2, learning_rate=1e-2, seed=0,
+                        policy_kwargs={"vlm": vlm_dir})  # fmt: skip
+    rewards = iter([[0.3, 0.5], [0.9, 0.4], [0.4, 0.6], [0.35, 0.5], [0.2, 0.9]])
+    keep = KeepBestOnValidation(lambda m: next(rewards), every=16)
+    model.learn(64, callback=keep)
+    assert [c for *_, c in keep.history] == [True, False, True, True, False]
+    assert keep.best_step == 32 and keep.best == pytest.approx(0.5)
