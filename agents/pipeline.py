@@ -112,15 +112,19 @@ class Assets:
             self.test.table.meta["dataset"])))  # fmt: skip
         self.global_ms, self.reuse_low = overhead_ms(enc, train_px), False
 
-    def two_stage_overhead(self, model: MaskablePPO, budgets, seed: int, n: int = 24) -> dict:
-        """The two-stage controller's cost on the serving path (agents/serving.py), on train requests."""
-        from agents.serving import TwoStageServer, two_stage_overhead_ms
+    def serving_overhead(self, model: MaskablePPO, kind: str, budgets, seed: int, n: int = 24) -> dict:
+        """The controller's cost on the serving path (agents/serving.py), on train requests."""
+        from agents.serving import SingleStageServer, TwoStageServer, single_stage_overhead_ms, two_stage_overhead_ms
         from envs.outcomes import dataset_samples
 
         samples = dataset_samples(self.train.table.meta["dataset"], 0, n)
         budgets_ms = budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
-        server = TwoStageServer(model.policy.mlp_extractor.net, self.vlm, self.full_ms, self.latency_model)
-        return two_stage_overhead_ms(server, samples, budgets_ms)
+        net = model.policy.mlp_extractor.net
+        if kind == "two_stage":
+            return two_stage_overhead_ms(TwoStageServer(net, self.vlm, self.full_ms, self.latency_model), samples,
+                                         budgets_ms)  # fmt: skip
+        server = SingleStageServer(net, self.vlm, self.full_ms, self.latency_model)
+        return single_stage_overhead_ms(server, samples, budgets_ms)
 
     def env(self, kind, backend, budgets, penalty, controller_ms=0.0):
         return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg, penalty, controller_ms,
@@ -146,12 +150,14 @@ def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
 
 
 def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets, seed: int) -> dict:
-    """What the environments charge a controller per request (`charged_ms`): the wall time of its
-    decisions (`decide_ms`), or for two-stage its cost on the serving path, where the budget token
-    rides in the layers 0-2 pass (agents/serving.py), with the parts of that measurement."""
+    """What the environments charge a controller per request (`charged_ms`): its cost on the serving
+    path (agents/serving.py: features, headroom and networks timed between the VLM's stages; for
+    two-stage plus the budget token's share of the layers 0-2 pass), with the parts of that
+    measurement. A single-stage policy on the light encoder has no server (its run does not save the
+    encoder): the wall time of its decisions (`decide_ms`, observation to action) is charged."""
     cost = {"decide_ms": controller_overhead_ms(model, env)}
-    if kind == "two_stage":
-        cost.update(assets.two_stage_overhead(model, budgets, seed))
+    if kind == "two_stage" or assets.reuse_low:
+        cost.update(assets.serving_overhead(model, kind, budgets, seed))
     cost["charged_ms"] = cost.get("total_ms", cost["decide_ms"])
     return cost
 

@@ -26,8 +26,8 @@ from envs.features import prompt_embedding, stage2_sees, summarise
 from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
-from policies.networks import N_BLOCKS, N_TIER, N_TOP_K
-from policies.numpy_heads import TwoStageHeads
+from policies.networks import N_TIER, N_TOP_K
+from policies.numpy_heads import SingleStageHeads, TwoStageHeads
 
 
 @dataclass
@@ -101,7 +101,24 @@ class TwoStageServer(_Server):
 
 
 class SingleStageServer(_Server):
-    """Answers (image, question, budget) with a `SingleStageNet` over the VLM's own global-crop features."""
+    """Answers (image, question, budget) with a `SingleStageNet` over the VLM's own global-crop features;
+    the MLP fusion runs as a numpy copy (`policies.numpy_heads`), the Transformer fusion in torch."""
+
+    def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
+        super().__init__(net, vlm, full_ms, latency_model)
+        self.heads = SingleStageHeads(net) if net.fusion == "mlp" else None
+
+    def choose(self, image, question: str, budget_ms: float, pre, prepared) -> tuple[int, int, int]:
+        """The three knobs, from the budget, the prompt and the encoded global crop (`pre`, `prepared`)."""
+        obs = {**self.budget_obs(image, question, budget_ms), "prompt": prompt_embedding(self.vlm, question),
+               "global_view": summarise(self.vlm, prepared, pre)[1][0]}  # fmt: skip
+        if self.heads is not None:
+            logits = self.heads.logits(obs["budget"], obs["headroom"], obs["prompt"], obs["global_view"])
+        else:
+            with torch.inference_mode():
+                logits = self.net({k: torch.as_tensor(v)[None] for k, v in obs.items()})[0][0].numpy()
+        tier, ki, bi = (int(part.argmax()) for part in np.split(logits, [N_TIER, N_TIER + N_TOP_K]))
+        return tier, ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
         budget_ms = check_budget(budget_ms)
@@ -111,12 +128,7 @@ class SingleStageServer(_Server):
         pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[0], glance, run_prefix=False)
         with torch.no_grad():
             with timer.stage("controller"):
-                obs = {k: torch.as_tensor(v)[None] for k, v in self.budget_obs(image, question, budget_ms).items()}
-                obs = {**obs,
-                       "prompt": torch.as_tensor(prompt_embedding(vlm, question))[None],
-                       "global_view": torch.as_tensor(summarise(vlm, prepared, pre)[1])}  # fmt: skip
-                logits = self.net(obs)[0][0]
-                tier, ki, bi = (int(part.argmax()) for part in torch.split(logits, [N_TIER, N_TOP_K, N_BLOCKS]))
+                tier, ki, bi = self.choose(image, question, budget_ms, pre, prepared)
             if tier == 0:
                 for part in ("preprocess", "vision", "connector"):
                     timer.ms[part] += glance.ms[part]
@@ -128,6 +140,24 @@ class SingleStageServer(_Server):
                 state = vlm.prefix(prepared)
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
         return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3)
+
+
+def single_stage_overhead_ms(
+    server: SingleStageServer, samples: list, budgets_ms: list[float], repeats: int = 3
+) -> dict:
+    """The single-stage controller's own time on the serving path (median, ms): the headroom, prompt and
+    global-view features and the network, timed right after the global crop's vision work as in `serve`
+    (the global crop itself is charged by the environment separately, unless the low tier reuses it)."""
+    own = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            for sample, budget in zip(samples, budgets_ms, strict=True):
+                pre, prepared, _ = timed_prefix(server.vlm, sample.image, sample.question, TIERS[0], StageTimer(),
+                                                run_prefix=False)  # fmt: skip
+                t0 = time.perf_counter()
+                server.choose(sample.image, sample.question, budget, pre, prepared)
+                own.append((time.perf_counter() - t0) * 1e3)
+    return {"networks_ms": statistics.median(own), "total_ms": statistics.median(own), "requests": len(own)}
 
 
 def load_policy(path: Path):

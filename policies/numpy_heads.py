@@ -1,9 +1,10 @@
-"""Numpy copies of the two-stage controller's small layers, for serving one request at a time.
+"""Numpy copies of the controllers' small layers, for serving one request at a time.
 
 At batch 1 each torch op costs a few microseconds of dispatch whatever its size, and stage 1 plus
 the stage-2 heads are a few dozen such ops; the same arithmetic in numpy costs about a microsecond
 an op. The controller's time counts inside every request's latency, so the server runs these
-copies. Only the budget token's pass through layers 0-2 stays in torch: it rides in the VLM's own pass.
+copies. The two-stage budget token's pass through layers 0-2 stays in torch: it rides in the VLM's
+own pass; so does the single-stage Transformer fusion.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.networks import N_TIER, SemanticRouter, Stage1Prompt, TwoStageNet
+from policies.networks import N_TIER, SemanticRouter, SingleStageNet, Stage1Prompt, TwoStageNet
 
 
 class Dense:
@@ -96,3 +97,23 @@ class TwoStageHeads:
 
     def knob_logits(self, state: np.ndarray, room: np.ndarray) -> np.ndarray:
         return self.heads(self.trunk(np.concatenate([self.norm(state), room])))
+
+
+class SingleStageHeads:
+    """A `SingleStageNet` with MLP fusion, for one request: (tier, top_k, blocks) logits [13]."""
+
+    def __init__(self, net: SingleStageNet):
+        if net.fusion != "mlp":
+            raise TypeError(f"no numpy copy of the {net.fusion} fusion")
+        self.norm_g, self.norm_p, self.body, self.pi = (
+            Dense(net.norm_g),
+            Dense(net.norm_p),
+            Dense(net.body),
+            Dense(net.pi),
+        )
+
+    def logits(
+        self, budget: np.ndarray, headroom: np.ndarray, prompt: np.ndarray, global_view: np.ndarray
+    ) -> np.ndarray:
+        x = np.concatenate([self.norm_g(global_view), self.norm_p(prompt), budget, with_fits(headroom)])
+        return self.pi(self.body(x))

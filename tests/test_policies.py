@@ -7,8 +7,8 @@ from conftest import _envs
 from sb3_contrib import MaskablePPO
 
 from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
-from policies.networks import SemanticRouter, Stage1Budget, Stage2Scheduler, TwoStageNet
-from policies.numpy_heads import TwoStageHeads
+from policies.networks import SemanticRouter, SingleStageNet, Stage1Budget, Stage2Scheduler, TwoStageNet
+from policies.numpy_heads import SingleStageHeads, TwoStageHeads
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
 
 
@@ -161,3 +161,17 @@ def test_numpy_heads_compute_what_the_torch_network_does(world, tiny, stage1):
             state = net.stage2.budget_state(second)
             logits = heads.knob_logits(state[0].numpy(), room)
             torch.testing.assert_close(torch.as_tensor(logits)[None], net(second)[0][:, 3:], **close)
+
+
+def test_single_stage_numpy_copy_computes_what_the_torch_network_does(world, tiny):
+    env, _ = _envs(world, SingleStageKnobEnv)
+    net = SingleStageNet(tiny, "mlp")
+    heads = SingleStageHeads(net)
+    with torch.no_grad():
+        for seed in range(4):
+            obs, _ = env.reset(seed=seed)
+            want = net({k: torch.as_tensor(v)[None] for k, v in obs.items()})[0]
+            got = heads.logits(obs["budget"], obs["headroom"], obs["prompt"], obs["global_view"])
+            torch.testing.assert_close(torch.as_tensor(got)[None], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="transformer"):
+        SingleStageHeads(SingleStageNet(tiny, "transformer"))

@@ -7,7 +7,13 @@ from conftest import _envs, fake_latency
 from sb3_contrib import MaskablePPO
 from torch import nn
 
-from agents.serving import SingleStageServer, TwoStageServer, server_for, two_stage_overhead_ms
+from agents.serving import (
+    SingleStageServer,
+    TwoStageServer,
+    server_for,
+    single_stage_overhead_ms,
+    two_stage_overhead_ms,
+)
 from envs.budgets import BudgetError
 from envs.knob_env import SingleStageKnobEnv
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
@@ -59,16 +65,23 @@ def test_overhead_is_measured_and_a_bad_budget_is_refused(world, vlm_dir):
         server.serve(samples[0].image, samples[0].question, float("nan"))
 
 
-def test_single_stage_served_decisions_equal_the_live_environments(world, vlm_dir):
+@pytest.mark.parametrize("fusion", ["mlp", "transformer"])  # numpy copy / torch
+def test_single_stage_served_decisions_equal_the_live_environments(world, vlm_dir, fusion):
     tiny, _, _, samples = world
-    _, env = _envs(world, SingleStageKnobEnv)
-    model = MaskablePPO(SingleStagePolicy, env, n_steps=16, seed=0, policy_kwargs={"vlm": vlm_dir})
-    for m in model.policy.mlp_extractor.net.modules():
+    _, env = _envs(world, SingleStageKnobEnv, controller_ms=0.3, global_ms=1.0)
+    model = MaskablePPO(SingleStagePolicy, env, n_steps=16, seed=0, policy_kwargs={"vlm": vlm_dir, "fusion": fusion})
+    net = model.policy.mlp_extractor.net
+    torch.manual_seed(0)
+    for m in net.modules():
         if isinstance(m, nn.Linear):  # decisions that vary with budget and request
             nn.init.normal_(m.weight, std=6.0 / m.in_features**0.5)
-    server = SingleStageServer(model.policy.mlp_extractor.net, tiny, env.full_ms, env.backend.latency_model)
+    net.added_ms.copy_(torch.as_tensor(env.added_latency()))
+    server = SingleStageServer(net, tiny, env.full_ms, env.backend.latency_model)
+    assert (server.heads is None) == (fusion == "transformer")
+    got = single_stage_overhead_ms(server, samples[:2], [5.0, 30.0], repeats=2)
+    assert got["requests"] == 4 and got["total_ms"] > 0
     configs = set()
-    for seed in range(6):
+    for seed in range(10):
         obs, info = env.reset(seed=seed)
         *_, out = env.step(decide(model.policy, obs, env.action_masks()))
         s = samples[info["sample"]]
