@@ -12,6 +12,7 @@ three knobs, and the low tier reuses the encoded crop.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -44,12 +45,14 @@ class _Server:
     def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
         self.net, self.vlm, self.full_ms = net.eval(), vlm, float(full_ms)
         self.knobs = vlm.cfg.knob_lists()
-        self.predict = ConfigLatency(latency_model, self.knobs)
-        self.added_ms = net.added_ms.double().numpy()
+        predict, added = ConfigLatency(latency_model, self.knobs), net.added_ms.double().numpy()
+        # requests repeat image sizes and question lengths: predict each pair of shapes once
+        self.predicted = functools.lru_cache(maxsize=4096)(lambda crops, tokens: predict(crops, tokens) + added)
 
     def budget_obs(self, image, question: str, budget_ms: float) -> dict[str, np.ndarray]:
         """The budget features and the headroom over every config, as the environments compute them."""
-        predicted = self.predict(*self.vlm.request_shapes(image, question)) + self.added_ms
+        crops, tokens = self.vlm.request_shapes(image, question)
+        predicted = self.predicted(tuple(crops), tuple(tokens))
         return {"budget": budget_features(budget_ms, self.full_ms),
                 "headroom": np.log(budget_ms / predicted).astype(np.float32)}  # fmt: skip
 
@@ -110,8 +113,8 @@ class SingleStageServer(_Server):
 
     def choose(self, image, question: str, budget_ms: float, pre, prepared) -> tuple[int, int, int]:
         """The three knobs, from the budget, the prompt and the encoded global crop (`pre`, `prepared`)."""
-        obs = {**self.budget_obs(image, question, budget_ms), "prompt": prompt_embedding(self.vlm, question),
-               "global_view": summarise(self.vlm, prepared, pre)[1][0]}  # fmt: skip
+        prompt, global_view = summarise(self.vlm, prepared, pre)  # the prompt's embeddings are in `prepared`
+        obs = {**self.budget_obs(image, question, budget_ms), "prompt": prompt[0], "global_view": global_view[0]}
         if self.heads is not None:
             logits = self.heads.logits(obs["budget"], obs["headroom"], obs["prompt"], obs["global_view"])
         else:
