@@ -152,13 +152,14 @@ def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
 def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets, seed: int) -> dict:
     """What the environments charge a controller per request (`charged_ms`): its cost on the serving
     path (agents/serving.py: features, headroom and networks timed between the VLM's stages; for
-    two-stage plus the budget token's share of the layers 0-2 pass), with the parts of that
-    measurement. A single-stage policy on the light encoder has no server (its run does not save the
-    encoder): the wall time of its decisions (`decide_ms`, observation to action) is charged."""
+    two-stage plus the budget token's share of the layers 0-2 pass) on the latency profile's clock
+    (scaled by the VLM's own speed measured beside it), with the parts of that measurement. A
+    single-stage policy on the light encoder has no server (its run does not save the encoder): the
+    wall time of its decisions (`decide_ms`, observation to action) is charged."""
     cost = {"decide_ms": controller_overhead_ms(model, env)}
     if kind == "two_stage" or assets.reuse_low:
         cost.update(assets.serving_overhead(model, kind, budgets, seed))
-    cost["charged_ms"] = cost.get("total_ms", cost["decide_ms"])
+    cost["charged_ms"] = cost.get("profile_ms", cost["decide_ms"])
     return cost
 
 

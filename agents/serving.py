@@ -43,7 +43,7 @@ class _Server:
     """A controller network beside the VLM, with the latency profile that predicts the headroom."""
 
     def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
-        self.net, self.vlm, self.full_ms = net.eval(), vlm, float(full_ms)
+        self.net, self.vlm, self.full_ms, self.latency_model = net.eval(), vlm, float(full_ms), latency_model
         self.knobs = vlm.cfg.knob_lists()
         predict, added = ConfigLatency(latency_model, self.knobs), net.added_ms.double().numpy()
         # requests repeat image sizes and question lengths: predict each pair of shapes once
@@ -150,17 +150,23 @@ def single_stage_overhead_ms(
 ) -> dict:
     """The single-stage controller's own time on the serving path (median, ms): the headroom, prompt and
     global-view features and the network, timed right after the global crop's vision work as in `serve`
-    (the global crop itself is charged by the environment separately, unless the low tier reuses it)."""
-    own = []
+    (the global crop itself is charged by the environment separately, unless the low tier reuses it);
+    and that cost on the profile's clock, against the global crop's work (`_in_profile_units`)."""
+    own, glance_ms = [], []
+    lm = server.latency_model
     with torch.no_grad():
         for _ in range(repeats):
             for sample, budget in zip(samples, budgets_ms, strict=True):
-                pre, prepared, _ = timed_prefix(server.vlm, sample.image, sample.question, TIERS[0], StageTimer(),
+                glance = StageTimer(server.vlm.device)
+                pre, prepared, _ = timed_prefix(server.vlm, sample.image, sample.question, TIERS[0], glance,
                                                 run_prefix=False)  # fmt: skip
                 t0 = time.perf_counter()
                 server.choose(sample.image, sample.question, budget, pre, prepared)
                 own.append((time.perf_counter() - t0) * 1e3)
-    return {"networks_ms": statistics.median(own), "total_ms": statistics.median(own), "requests": len(own)}
+                glance_ms.append(sum(glance.ms.values()))
+    predicted = max(1e-6, sum(max(0.0, a + b * 1) for a, b in lm.per_crop.values()))  # one crop
+    cost = {"networks_ms": statistics.median(own), "total_ms": statistics.median(own), "requests": len(own)}
+    return _in_profile_units(cost, glance_ms, [predicted] * len(glance_ms))
 
 
 def load_policy(path: Path):
@@ -203,11 +209,22 @@ def server_for(path: Path):
                LatencyModel.from_dict(profile["model"]))  # fmt: skip
 
 
+def _in_profile_units(cost: dict, vlm_ms: list[float], profile_ms: list[float]) -> dict:
+    """Adds `machine_speed` (the VLM's own stage timed beside the controller, over the profile's
+    prediction for it: 2 = the machine ran twice as slow as when profiled) and `profile_ms`, the
+    controller's cost on the profile's clock: what the environments charge, in the units of every
+    other part of their latency, however busy the machine was while measuring."""
+    speed = statistics.median(v / p for v, p in zip(vlm_ms, profile_ms, strict=True))
+    return {**cost, "machine_speed": speed, "profile_ms": cost["total_ms"] / speed}
+
+
 def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 3) -> dict:
     """What the two-stage controller adds to a request on the serving path, measured (medians, ms):
     its own networks (stage 1, the budget token's embedding, the heads) and the budget token's share
-    of the layers 0-2 pass (that pass with the token minus without it, timed back to back)."""
-    vlm, own, extra = server.vlm, [], []
+    of the layers 0-2 pass (that pass with the token minus without it, timed back to back); and that
+    cost on the profile's clock, against the layers 0-2 pass (`_in_profile_units`)."""
+    vlm, own, extra, plain, predicted = server.vlm, [], [], [], []
+    a, b = server.latency_model.prefix
     with torch.no_grad():
         for r in range(repeats):
             for i, (sample, budget) in enumerate(zip(samples, budgets_ms, strict=True)):
@@ -231,6 +248,9 @@ def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: lis
                         t_net += time.perf_counter() - t1
                 own.append(t_net * 1e3)
                 extra.append((runs[True] - runs[False]) * 1e3)
+                plain.append(runs[False] * 1e3)
+                predicted.append(max(1e-6, a + b * prepared.prompt_tokens[0]))
     networks, token_share = statistics.median(own), statistics.median(extra)
-    return {"networks_ms": networks, "budget_token_prefill_ms": token_share,
+    cost = {"networks_ms": networks, "budget_token_prefill_ms": token_share,
             "total_ms": networks + max(token_share, 0.0), "requests": len(own)}  # fmt: skip
+    return _in_profile_units(cost, plain, predicted)

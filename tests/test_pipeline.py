@@ -55,9 +55,13 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
     assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
     sel = report["meta"]["selection"]  # validation checks: the BC start, then every 512 steps (one rollout)
     assert [step for step, *_ in sel["history"]] == [0, 512] and sel["kept_step"] in (0, 512)
-    if policy == "two_stage":
-        c = report["meta"]["controller"]
-        assert c["charged_ms"] == report["meta"]["controller_ms"] == c["total_ms"] > 0 and c["requests"] == 24
+    c = report["meta"]["controller"]
+    if encoder == "vlm":  # the serving path's cost, on the profile's clock
+        assert c["charged_ms"] == report["meta"]["controller_ms"] == c["profile_ms"] > 0 and c["requests"] == 24
+        assert c["profile_ms"] == pytest.approx(c["total_ms"] / c["machine_speed"])
+        assert "on the profile's clock" in (out / "eval.md").read_text()
+    else:  # no server for a light encoder: its decisions' wall time
+        assert c["charged_ms"] == c["decide_ms"] > 0
     assert list((out / "tb").rglob("events.out.tfevents*"))
     view = report["meta"]["global_view"]
     assert view["reused_at_low_tier"] == (encoder == "vlm") and view["ms"] > 0

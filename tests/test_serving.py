@@ -61,6 +61,7 @@ def test_overhead_is_measured_and_a_bad_budget_is_refused(world, vlm_dir):
     got = two_stage_overhead_ms(server, samples[:3], [5.0, 12.0, 30.0], repeats=2)
     assert got["requests"] == 6 and got["networks_ms"] > 0
     assert got["total_ms"] == pytest.approx(got["networks_ms"] + max(got["budget_token_prefill_ms"], 0.0))
+    assert got["machine_speed"] > 0 and got["profile_ms"] == pytest.approx(got["total_ms"] / got["machine_speed"])
     with pytest.raises(BudgetError, match="positive finite"):
         server.serve(samples[0].image, samples[0].question, float("nan"))
 
