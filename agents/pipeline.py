@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch.utils.tensorboard import SummaryWriter
 
@@ -302,7 +302,8 @@ def run(args: Args) -> Path:
     model.save(args.out / "policy_bc.zip")
     print(f"behaviour cloning: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs")
 
-    callbacks, keep = [EpisodeLogger()], None
+    every = max(1, (args.select_every or args.ppo_steps) // args.n_envs)  # a callback step advances every env
+    callbacks, keep = [EpisodeLogger(), CheckpointCallback(every, str(args.out / "checkpoints"), "ppo")], None
     if assets.val is not None and args.select_every > 0:
         keep = KeepBestOnValidation(lambda m: validation_rewards(assets, args, m, controller_ms), args.select_every)
         callbacks.append(keep)

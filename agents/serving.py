@@ -218,11 +218,12 @@ def _in_profile_units(cost: dict, vlm_ms: list[float], profile_ms: list[float]) 
     return {**cost, "machine_speed": speed, "profile_ms": cost["total_ms"] / speed}
 
 
-def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 3) -> dict:
+def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 6) -> dict:
     """What the two-stage controller adds to a request on the serving path, measured (medians, ms):
     its own networks (stage 1, the budget token's embedding, the heads) and the budget token's share
-    of the layers 0-2 pass (that pass with the token minus without it, timed back to back); and that
-    cost on the profile's clock, against the layers 0-2 pass (`_in_profile_units`)."""
+    of the layers 0-2 pass (that pass with the token minus without it, timed back to back: a difference
+    of two noisy timings, hence more repeats); and that cost on the profile's clock, against the
+    layers 0-2 pass (`_in_profile_units`)."""
     vlm, own, extra, plain, predicted = server.vlm, [], [], [], []
     a, b = server.latency_model.prefix
     with torch.no_grad():
