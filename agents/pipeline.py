@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.evaluation import evaluate_policy
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch.utils.tensorboard import SummaryWriter
@@ -53,7 +54,7 @@ class Args:
     bc_epochs: int = 15
     ppo_steps: int = 65536
     select_every: int = 8192  # PPO steps between validation checks (0: keep the last parameters)
-    select_episodes: int = 500  # validation episodes per budget distribution and check
+    select_episodes: int = 2000  # validation episodes per budget distribution and check
     n_envs: int = 8
     eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
@@ -250,13 +251,17 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
     return results
 
 
-def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float) -> np.ndarray:
-    """Mean reward on the validation split per evaluation budget distribution (the same episodes every call)."""
+def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float, n_envs: int = 50):
+    """Mean reward on the validation split per evaluation budget distribution (the same episodes every
+    call), [distributions]. Episodes run `n_envs` at a time, so the policy decides in batches."""
     penalty = Penalty(args.penalty, args.penalty_weight)
     rewards = []
     for spec in args.eval_budgets.split(","):
-        env = assets.env(args.policy, assets.val, parse_distribution(spec), penalty, controller_ms)
-        rewards.append(run_episodes(env, policy_chooser(model), args.select_episodes, seed=20_000)["reward"].mean())
+        dist = parse_distribution(spec)
+        vec = DummyVecEnv([lambda d=dist: assets.env(args.policy, assets.val, d, penalty, controller_ms)] * n_envs)
+        vec.seed(20_000)
+        episodes, _ = evaluate_policy(model, vec, args.select_episodes, deterministic=True, return_episode_rewards=True)
+        rewards.append(float(np.mean(episodes)))
     return np.array(rewards)
 
 
