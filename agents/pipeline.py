@@ -260,7 +260,7 @@ def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controlle
         dist = parse_distribution(spec)
         vec = DummyVecEnv([lambda d=dist: assets.env(args.policy, assets.val, d, penalty, controller_ms)] * n_envs)
         vec.seed(20_000)
-        episodes, _ = evaluate_policy(model, vec, args.select_episodes, deterministic=True, return_episode_rewards=True)
+        episodes, _ = evaluate_policy(model, vec, args.select_episodes, return_episode_rewards=True, warn=False)
         rewards.append(float(np.mean(episodes)))
     return np.array(rewards)
 
