@@ -23,7 +23,7 @@ def markdown(meta: dict, results: dict) -> str:
              f"{meta['peak_memory_mb']:.0f} MB", ""]  # fmt: skip
     sel = meta.get("selection")
     if sel:
-        checks = ", ".join(f"{h[0]}: {h[1]:.3f}{'' if len(h) < 3 or h[2] else '*'}" for h in sel["history"])
+        checks = ", ".join(f"{step}: {r:.3f}{'' if ok else '*'}" for step, r, ok in sel["history"])
         lines[2:2] = [f"PPO parameters kept from step {sel['kept_step']} (mean validation reward at each check, "
                       f"step: reward; step 0 is the behaviour-cloned start; * below the start on some "
                       f"budget distribution, not a candidate): {checks}", ""]  # fmt: skip
