@@ -67,6 +67,8 @@ def collect(env, episodes: int, gamma: float, seed: int = 0, oracle: str = "expe
     two_stage = isinstance(env, TwoStageKnobEnv)
     for ep in tqdm(range(episodes), desc="oracle demos", leave=False):
         obs, _ = env.reset(seed=seed + ep)
+        if env.guarded:  # the guard serves it: no decision to imitate
+            continue
         tier, k, b = oracle_action(env, scores)
         steps = [(tier, 0, 0), (tier, k, b)] if two_stage else [(tier, k, b)]
         ep_obs, ep_masks = [], []

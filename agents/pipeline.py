@@ -28,10 +28,12 @@ from agents.evaluation import baselines, policy_chooser, run_episodes, summarize
 from agents.imitation import ORACLES, behaviour_clone, collect
 from agents.report import write_report
 from envs.budgets import Penalty, parse_distribution
+from envs.guard import BudgetGuard
 from envs.knob_env import make_env, replay_backend
 from envs.latency import LatencyModel
 from envs.vlm.checkpoint import EMBEDDED, load_model
 from envs.vlm.presets import PRESETS
+from policies.networks import set_guard
 from policies.sb3 import POLICIES, decide
 
 VARIANTS = {"two_stage": ("budget", "prompt", "router"), "single_stage": ("mlp", "transformer")}
@@ -58,6 +60,7 @@ class Args:
     n_envs: int = 8
     eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
+    guard: bool = True  # the budget guard (envs/guard.py) serves requests no config fits after the controller
     seed: int = 0
 
     def __post_init__(self):
@@ -127,9 +130,19 @@ class Assets:
         server = SingleStageServer(net, self.vlm, self.full_ms, self.latency_model)
         return single_stage_overhead_ms(server, samples, budgets_ms)
 
-    def env(self, kind, backend, budgets, penalty, controller_ms=0.0):
+    def guard_overhead(self, model: MaskablePPO, budgets, seed: int, n: int = 24) -> float:
+        """The budget guard's own time (median ms of wall time) on train requests."""
+        from agents.serving import SingleStageServer, guard_overhead_ms
+        from envs.outcomes import dataset_samples
+
+        samples = dataset_samples(self.train.table.meta["dataset"], 0, n)
+        budgets_ms = budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
+        server = SingleStageServer(model.policy.mlp_extractor.net, self.vlm, self.full_ms, self.latency_model)
+        return guard_overhead_ms(server, samples, budgets_ms)
+
+    def env(self, kind, backend, budgets, penalty, controller_ms=0.0, guard=None, skip_guarded=False):
         return make_env(kind, backend, budgets, self.full_ms, self.vlm.cfg, penalty, controller_ms,
-                        self.global_ms, self.reuse_low)  # fmt: skip
+                        self.global_ms, self.reuse_low, guard, skip_guarded)  # fmt: skip
 
 
 def controller_overhead_ms(model: MaskablePPO, env, repeats: int = 30) -> float:
@@ -156,11 +169,15 @@ def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets,
     two-stage plus the budget token's share of the layers 0-2 pass) on the latency profile's clock
     (scaled by the VLM's own speed measured beside it), with the parts of that measurement. A
     single-stage policy on the light encoder has no server (its run does not save the encoder): the
-    wall time of its decisions (`decide_ms`, observation to action) is charged."""
+    wall time of its decisions (`decide_ms`, observation to action) is charged, and the budget
+    guard's time is its wall time too (`guard_charged_ms`)."""
     cost = {"decide_ms": controller_overhead_ms(model, env)}
     if kind == "two_stage" or assets.reuse_low:
         cost.update(assets.serving_overhead(model, kind, budgets, seed))
+    else:
+        cost["guard_ms"] = assets.guard_overhead(model, budgets, seed)
     cost["charged_ms"] = cost.get("profile_ms", cost["decide_ms"])
+    cost["guard_charged_ms"] = cost.get("guard_profile_ms", cost["guard_ms"])
     return cost
 
 
@@ -234,13 +251,14 @@ class EpisodeLogger(BaseCallback):
 
 
 def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalty: Penalty, controller_ms: float,
-                 episodes: int, seed: int, test=None) -> dict:  # fmt: skip
-    """Every policy and baseline on the same test episodes, per budget distribution."""
+                 episodes: int, seed: int, test=None, guard=None) -> dict:  # fmt: skip
+    """Every policy and baseline on the same test episodes, per budget distribution (the policies
+    behind `guard` if given; the baselines have no controller and so no guard)."""
     test = test or assets.test
     results = {}
     for spec in budgets.split(","):
         dist = parse_distribution(spec)
-        env = assets.env(kind, test, dist, penalty, controller_ms)
+        env = assets.env(kind, test, dist, penalty, controller_ms, guard)
         rows = {name: run_episodes(env, policy_chooser(m), episodes, seed) for name, m in policies.items()}
         plain = assets.env("two_stage", test, dist, penalty, 0.0)
         train = assets.env("two_stage", assets.train, dist, penalty, 0.0)
@@ -251,14 +269,16 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
     return results
 
 
-def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float, n_envs: int = 50):
+def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float, guard=None,
+                       n_envs: int = 50):  # fmt: skip
     """Mean reward on the validation split per evaluation budget distribution (the same episodes every
     call), [distributions]. Episodes run `n_envs` at a time, so the policy decides in batches."""
     penalty = Penalty(args.penalty, args.penalty_weight)
     rewards = []
     for spec in args.eval_budgets.split(","):
         dist = parse_distribution(spec)
-        vec = DummyVecEnv([lambda d=dist: assets.env(args.policy, assets.val, d, penalty, controller_ms)] * n_envs)
+        vec = DummyVecEnv([lambda d=dist: assets.env(args.policy, assets.val, d, penalty, controller_ms, guard)]
+                          * n_envs)  # fmt: skip
         vec.seed(20_000)
         episodes, _ = evaluate_policy(model, vec, args.select_episodes, return_episode_rewards=True, warn=False)
         rewards.append(float(np.mean(episodes)))
@@ -294,11 +314,14 @@ def run(args: Args) -> Path:
 
     controller = controller_cost(assets, model, args.policy, envs[0], train_dist, args.seed)
     controller_ms = controller["charged_ms"]
-    for e in envs:
-        e.controller_ms = controller_ms
-    # the policy carries the time its environment adds, so a server's headroom matches training's
+    guard = BudgetGuard.from_table(assets.train.table, controller["guard_charged_ms"]) if args.guard else None
+    for e in envs:  # training sees only the requests the policy decides
+        e.controller_ms, e.guard, e.skip_guarded = controller_ms, guard, True
+    # the policy carries the time its environment adds and its guard, so a server acts as training did
     model.policy.mlp_extractor.net.added_ms.copy_(torch.as_tensor(envs[0].added_latency()))
-    print(f"controller overhead {controller_ms:.2f} ms per request")
+    set_guard(model.policy.mlp_extractor.net, guard)
+    print(f"controller overhead {controller_ms:.2f} ms per request"
+          + (f"; budget guard {guard.ms:.3f} ms" if guard else ""))  # fmt: skip
 
     demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed, oracle=args.oracle)
     writer = SummaryWriter(str(args.out / "tb" / "bc"))
@@ -310,7 +333,8 @@ def run(args: Args) -> Path:
     every = max(1, (args.select_every or args.ppo_steps) // args.n_envs)  # a callback step advances every env
     callbacks, keep = [EpisodeLogger(), CheckpointCallback(every, str(args.out / "checkpoints"), "ppo")], None
     if assets.val is not None and args.select_every > 0:
-        keep = KeepBestOnValidation(lambda m: validation_rewards(assets, args, m, controller_ms), args.select_every)
+        keep = KeepBestOnValidation(lambda m: validation_rewards(assets, args, m, controller_ms, guard),
+                                    args.select_every)  # fmt: skip
         callbacks.append(keep)
     model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
     if keep is not None:
@@ -319,8 +343,9 @@ def run(args: Args) -> Path:
 
     bc = MaskablePPO.load(args.out / "policy_bc.zip")
     results = evaluate_all(assets, args.policy, args.eval_budgets, {"ppo": model, "bc_only": bc}, penalty,
-                           controller_ms, args.eval_episodes, args.seed + 10_000)  # fmt: skip
+                           controller_ms, args.eval_episodes, args.seed + 10_000, guard=guard)  # fmt: skip
     meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms, "controller": controller,
+            "guard_ms": guard.ms if guard else None,
             "global_view": {"encoder": args.encoder, "ms": assets.global_ms, "reused_at_low_tier": assets.reuse_low,
                             "distillation_relative_error": assets.light_encoder_error},
             "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,

@@ -35,11 +35,14 @@ def markdown(meta: dict, results: dict) -> str:
                       f"features {c['networks_ms']:.3f} ms{token}; the VLM ran at {c['machine_speed']:.2f}x its "
                       f"profiled time meanwhile, so {c['profile_ms']:.3f} ms on the profile's clock is charged; "
                       f"the same decisions through `decide`: {c['decide_ms']:.2f} ms", ""]  # fmt: skip
+    if meta.get("guard_ms") is not None:
+        lines[2:2] = [f"budget guard (envs/guard.py): requests no config fits once the controller has run are served "
+                      f"its fallback config for {meta['guard_ms']:.3f} ms instead (guarded_fraction)", ""]  # fmt: skip
     for dist, block in results.items():
         lines += [f"## budgets: {dist}", "", "| policy | " + " | ".join(METRICS) + " |",
                   "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
         for name in _names(block):
-            lines.append(f"| {name} | " + " | ".join(f"{block[name][m]:.3f}" for m in METRICS) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{block[name].get(m, float('nan')):.3f}" for m in METRICS) + " |")
         if "ppo" in block and "bc_only" in block:
             diff = block["ppo"]["mean_reward"] - block["bc_only"]["mean_reward"]
             lines += ["", f"PPO - BC mean reward: {diff:+.4f}"]

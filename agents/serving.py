@@ -8,6 +8,8 @@ Replay training computes the same budget-token state from cached keys and values
 (`Stage2Scheduler.budget_state`), so served and replayed decisions agree.
 Single-stage: the global crop is encoded first with the VLM's own encoder, the network picks all
 three knobs, and the low tier reuses the encoded crop.
+Both first run the policy's budget guard (`envs/guard.py`), if it has one: when no config fits once
+the controller has run, the guard's fallback config is served at once.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import torch
 
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
+from envs.guard import BudgetGuard
+from envs.knob_env import config_knobs
 from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
-from policies.networks import N_TIER, N_TOP_K
+from policies.networks import N_TIER, N_TOP_K, guard_of
 from policies.numpy_heads import SingleStageHeads, TwoStageHeads
 
 
@@ -44,17 +48,44 @@ class _Server:
 
     def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
         self.net, self.vlm, self.full_ms, self.latency_model = net.eval(), vlm, float(full_ms), latency_model
-        self.knobs = vlm.cfg.knob_lists()
+        self.knobs, self.guard = vlm.cfg.knob_lists(), guard_of(net)
         predict, added = ConfigLatency(latency_model, self.knobs), net.added_ms.double().numpy()
+
+        def both(crops, tokens):
+            alone = predict(crops, tokens)
+            return alone, alone + added
+
         # requests repeat image sizes and question lengths: predict each pair of shapes once
-        self.predicted = functools.lru_cache(maxsize=4096)(lambda crops, tokens: predict(crops, tokens) + added)
+        self._predict = functools.lru_cache(maxsize=4096)(both)
+
+    def predict(self, image, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each config's predicted latency (ms) for this request: alone, and with the controller's time."""
+        crops, tokens = self.vlm.request_shapes(image, question)
+        return self._predict(tuple(crops), tuple(tokens))
 
     def budget_obs(self, image, question: str, budget_ms: float) -> dict[str, np.ndarray]:
         """The budget features and the headroom over every config, as the environments compute them."""
-        crops, tokens = self.vlm.request_shapes(image, question)
-        predicted = self.predicted(tuple(crops), tuple(tokens))
+        return self._budget_obs(budget_ms, self.predict(image, question)[1])
+
+    def _budget_obs(self, budget_ms: float, with_controller: np.ndarray) -> dict[str, np.ndarray]:
         return {"budget": budget_features(budget_ms, self.full_ms),
-                "headroom": np.log(budget_ms / predicted).astype(np.float32)}  # fmt: skip
+                "headroom": np.log(budget_ms / with_controller).astype(np.float32)}  # fmt: skip
+
+    def guarded(self, budget_ms: float, alone: np.ndarray, with_controller: np.ndarray) -> Config | None:
+        """The budget guard's config if it serves this request (no config fits once the controller
+        has run), else None: the controller decides."""
+        if self.guard is None or not BudgetGuard.fires(np.log(budget_ms / with_controller)):
+            return None
+        tier, ki, bi = config_knobs(self.guard.pick(alone, budget_ms))
+        return Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
+
+    def serve_config(self, image, question: str, config: Config, timer: StageTimer, t0: float) -> Served:
+        """The VLM alone with fixed knobs (what the guard serves), timed into `timer` from `t0`."""
+        vlm = self.vlm
+        with torch.no_grad():
+            _, _, state = timed_prefix(vlm, image, question, config.tier, timer)
+            gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
+        return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3)
 
 
 class TwoStageServer(_Server):
@@ -65,9 +96,11 @@ class TwoStageServer(_Server):
         super().__init__(net, vlm, full_ms, latency_model)
         self.heads = TwoStageHeads(net)
 
-    def observe(self, image, question: str, budget_ms: float) -> dict[str, np.ndarray]:
-        """What stage 1 reads, before any vision work."""
-        obs = self.budget_obs(image, question, budget_ms)
+    def observe(self, image, question: str, budget_ms: float, with_controller=None) -> dict[str, np.ndarray]:
+        """What stage 1 reads, before any vision work (`with_controller`: `predict`'s, if already known)."""
+        if with_controller is None:
+            with_controller = self.predict(image, question)[1]
+        obs = self._budget_obs(budget_ms, with_controller)
         if self.heads.reads_prompt:  # options B read the prompt embedding
             obs["prompt"] = prompt_embedding(self.vlm, question)
         return obs
@@ -89,7 +122,12 @@ class TwoStageServer(_Server):
         timer, vlm = StageTimer(self.vlm.device), self.vlm
         t0 = time.perf_counter()
         with timer.stage("controller"):
-            tier, token, room = self.choose_tier(self.observe(image, question, budget_ms))
+            alone, with_controller = self.predict(image, question)
+            fallback = self.guarded(budget_ms, alone, with_controller)
+            if fallback is None:
+                tier, token, room = self.choose_tier(self.observe(image, question, budget_ms, with_controller))
+        if fallback is not None:
+            return self.serve_config(image, question, fallback, timer, t0)
         pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[tier], timer, run_prefix=False)
         with torch.no_grad():
             with timer.stage("prefill"):
@@ -127,6 +165,10 @@ class SingleStageServer(_Server):
         budget_ms = check_budget(budget_ms)
         timer, vlm = StageTimer(self.vlm.device), self.vlm
         t0 = time.perf_counter()
+        with timer.stage("controller"):
+            fallback = self.guarded(budget_ms, *self.predict(image, question))
+        if fallback is not None:
+            return self.serve_config(image, question, fallback, timer, t0)
         glance = StageTimer(self.vlm.device)  # the global crop: the VLM's low tier, reused there
         pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[0], glance, run_prefix=False)
         with torch.no_grad():
@@ -145,6 +187,24 @@ class SingleStageServer(_Server):
         return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3)
 
 
+def _guard_ms(server: _Server, sample, budget_ms: float) -> float:
+    """The budget guard's time for one request when it serves it (ms): the request's predicted
+    latencies, the check, and the fallback's pick (scored by a stand-in: the same work)."""
+    probe = server.guard or BudgetGuard(np.zeros(len(server.net.added_ms)), 0.0)
+    t0 = time.perf_counter()
+    alone, with_controller = server.predict(sample.image, sample.question)
+    probe.fires(np.log(budget_ms / with_controller))
+    probe.pick(alone, budget_ms)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def guard_overhead_ms(server: _Server, samples: list, budgets_ms: list[float], repeats: int = 3) -> float:
+    """The budget guard's own time alone (median ms over the requests, wall time)."""
+    return statistics.median(
+        _guard_ms(server, s, b) for _ in range(repeats) for s, b in zip(samples, budgets_ms, strict=True)
+    )
+
+
 def single_stage_overhead_ms(
     server: SingleStageServer, samples: list, budgets_ms: list[float], repeats: int = 3
 ) -> dict:
@@ -152,20 +212,25 @@ def single_stage_overhead_ms(
     global-view features and the network, timed right after the global crop's vision work as in `serve`
     (the global crop itself is charged by the environment separately, unless the low tier reuses it);
     and that cost on the profile's clock, against the global crop's work (`_in_profile_units`)."""
-    own, glance_ms = [], []
+    own, glance_ms, guard = [], [], []
     lm = server.latency_model
     with torch.no_grad():
         for _ in range(repeats):
             for sample, budget in zip(samples, budgets_ms, strict=True):
+                guard.append(_guard_ms(server, sample, budget))
+                t0 = time.perf_counter()  # as in `serve`: the guard's check, the global crop, the network
+                server.guarded(budget, *server.predict(sample.image, sample.question))
+                check = time.perf_counter() - t0
                 glance = StageTimer(server.vlm.device)
                 pre, prepared, _ = timed_prefix(server.vlm, sample.image, sample.question, TIERS[0], glance,
                                                 run_prefix=False)  # fmt: skip
                 t0 = time.perf_counter()
                 server.choose(sample.image, sample.question, budget, pre, prepared)
-                own.append((time.perf_counter() - t0) * 1e3)
+                own.append((time.perf_counter() - t0 + check) * 1e3)
                 glance_ms.append(sum(glance.ms.values()))
     predicted = max(1e-6, sum(max(0.0, a + b * 1) for a, b in lm.per_crop.values()))  # one crop
-    cost = {"networks_ms": statistics.median(own), "total_ms": statistics.median(own), "requests": len(own)}
+    cost = {"networks_ms": statistics.median(own), "total_ms": statistics.median(own), "requests": len(own),
+            "guard_ms": statistics.median(guard)}  # fmt: skip
     return _in_profile_units(cost, glance_ms, [predicted] * len(glance_ms))
 
 
@@ -213,9 +278,11 @@ def _in_profile_units(cost: dict, vlm_ms: list[float], profile_ms: list[float]) 
     """Adds `machine_speed` (the VLM's own stage timed beside the controller, over the profile's
     prediction for it: 2 = the machine ran twice as slow as when profiled) and `profile_ms`, the
     controller's cost on the profile's clock: what the environments charge, in the units of every
-    other part of their latency, however busy the machine was while measuring."""
+    other part of their latency, however busy the machine was while measuring; likewise
+    `guard_profile_ms`, the budget guard's."""
     speed = statistics.median(v / p for v, p in zip(vlm_ms, profile_ms, strict=True))
-    return {**cost, "machine_speed": speed, "profile_ms": cost["total_ms"] / speed}
+    return {**cost, "machine_speed": speed, "profile_ms": cost["total_ms"] / speed,
+            "guard_profile_ms": cost["guard_ms"] / speed}  # fmt: skip
 
 
 def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: list[float], repeats: int = 6) -> dict:
@@ -224,13 +291,16 @@ def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: lis
     of the layers 0-2 pass (that pass with the token minus without it, timed back to back: a difference
     of two noisy timings, hence more repeats); and that cost on the profile's clock, against the
     layers 0-2 pass (`_in_profile_units`)."""
-    vlm, own, extra, plain, predicted = server.vlm, [], [], [], []
+    vlm, own, extra, plain, predicted, guard = server.vlm, [], [], [], [], []
     a, b = server.latency_model.prefix
     with torch.no_grad():
         for r in range(repeats):
             for i, (sample, budget) in enumerate(zip(samples, budgets_ms, strict=True)):
-                t0 = time.perf_counter()
-                obs = server.observe(sample.image, sample.question, budget)
+                guard.append(_guard_ms(server, sample, budget))
+                t0 = time.perf_counter()  # as in `serve`: the guard's check, then stage 1
+                alone, with_controller = server.predict(sample.image, sample.question)
+                server.guarded(budget, alone, with_controller)
+                obs = server.observe(sample.image, sample.question, budget, with_controller)
                 server.choose_tier(obs)
                 t_net = time.perf_counter() - t0
                 tier = (i + r) % len(TIERS)  # every tier's prefix, whatever an untrained stage 1 prefers
@@ -253,5 +323,6 @@ def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: lis
                 predicted.append(max(1e-6, a + b * prepared.prompt_tokens[0]))
     networks, token_share = statistics.median(own), statistics.median(extra)
     cost = {"networks_ms": networks, "budget_token_prefill_ms": token_share,
-            "total_ms": networks + max(token_share, 0.0), "requests": len(own)}  # fmt: skip
+            "total_ms": networks + max(token_share, 0.0), "requests": len(own),
+            "guard_ms": statistics.median(guard)}  # fmt: skip
     return _in_profile_units(cost, plain, predicted)

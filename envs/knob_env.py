@@ -14,6 +14,10 @@ decides are open; the others are pinned to index 0 (step 0) or to the chosen tie
 Backends: `ReplayBackend` reads an outcome table and cached features (fast); `LiveBackend` runs the
 VLM, with latency from a profile's latency model or measured end to end (`measure=True`).
 reward = score - penalty(latency, budget), latency including controller overhead.
+With a `BudgetGuard` (`envs/guard.py`), a request whose headroom is negative for every config is
+served by the guard's fallback config, for the guard's time instead of the controller's, and the
+episode ends at its first step whatever the action; `skip_guarded` leaves such requests out (for
+training: the policy never decides them).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from gymnasium import spaces
 
 from envs.budgets import BudgetDistribution, Penalty, budget_features
 from envs.features import FeatureCache, kv_shape, prefix_kv, prompt_embedding, summarise
+from envs.guard import BudgetGuard
 from envs.latency import PARTS, ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
 from envs.tasks.metrics import vqa_soft_accuracy
@@ -131,32 +136,40 @@ class _KnobEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, backend, budgets: BudgetDistribution, full_ms: float, penalty: Penalty | None = None,
-                 controller_ms: float = 0.0):  # fmt: skip
+                 controller_ms: float = 0.0, guard: BudgetGuard | None = None, skip_guarded: bool = False):  # fmt: skip
         super().__init__()
         if len(backend) == 0:
             raise ValueError("the environment has no samples")
         self.backend, self.budgets, self.full_ms = backend, budgets, float(full_ms)
         self.penalty, self.controller_ms = penalty or Penalty(), float(controller_ms)
+        self.guard, self.skip_guarded = guard, skip_guarded
         self.action_space = spaces.MultiDiscrete([3, N_TOP_K, N_BLOCKS])
-        self._sample, self._budget = 0, 1.0
+        self._sample, self._budget, self.guarded = 0, 1.0, False
 
-    def _new_request(self):
-        self._sample = int(self.np_random.integers(len(self.backend)))
-        self._budget = float(self.budgets.sample(self.np_random, 1, self.full_ms)[0])
+    def _new_request(self, tries: int = 1000):
+        """A (sample, budget) pair and its headroom; with `skip_guarded`, one the guard does not serve."""
+        for _ in range(tries):
+            self._sample = int(self.np_random.integers(len(self.backend)))
+            self._budget = float(self.budgets.sample(self.np_random, 1, self.full_ms)[0])
+            self._predicted = self.backend.predicted_latency(self._sample)
+            self._room = np.log(self._budget / (self._predicted + self.added_latency())).astype(np.float32)
+            self.guarded = self.guard is not None and self.guard.fires(self._room)
+            if not (self.guarded and self.skip_guarded):
+                return
+        raise ValueError(f"the guard serves every one of {tries} requests drawn: budgets too tight to train on")
 
     def added_latency(self) -> np.ndarray:
         """Controller time added to each of the 75 configs' latency (oracle labels use it too)."""
         return np.full(N_CONFIGS, self.controller_ms)
 
-    def _headroom(self) -> np.ndarray:
-        """log(budget / predicted latency) per config, controller time included: >= 0 where it fits."""
-        predicted = self.backend.predicted_latency(self._sample) + self.added_latency()
-        return np.log(self._budget / predicted).astype(np.float32)
-
     def _finish(self, cfg: int):
+        """Score the request served with config `cfg`, or with the guard's fallback if it serves it."""
+        if self.guarded:
+            cfg, added = self.guard.pick(self._predicted, self._budget), self.guard.ms
+        else:
+            added = float(self.added_latency()[cfg])
         score, parts = self.backend.outcome(self._sample, cfg)
         parts = dict(parts)
-        added = float(self.added_latency()[cfg])
         parts["controller"] = parts.get("controller", 0.0) + added
         latency = parts["total"] + added
         parts["total"] = latency
@@ -166,15 +179,15 @@ class _KnobEnv(gym.Env):
         reward = score - self.penalty(latency, self._budget)
         info = {"score": score, "latency_ms": latency, "latency_parts": parts, "budget_ms": self._budget,
                 "violation": latency > self._budget, "config": config, "config_index": cfg,
-                "controller_ms": parts["controller"], "sample": self._sample}  # fmt: skip
+                "controller_ms": parts["controller"], "sample": self._sample, "guarded": self.guarded}  # fmt: skip
         return reward, info
 
 
 class TwoStageKnobEnv(_KnobEnv):
     def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
-                 kv: tuple[int, ...] = (3, 2, 4, 32, 24)):  # fmt: skip
+                 kv: tuple[int, ...] = (3, 2, 4, 32, 24), guard=None, skip_guarded: bool = False):  # fmt: skip
         """`kv`: the stage-2 observation's shape (`features.kv_shape(model.cfg)`)."""
-        super().__init__(backend, budgets, full_ms, penalty, controller_ms)
+        super().__init__(backend, budgets, full_ms, penalty, controller_ms, guard, skip_guarded)
         f32 = np.float32
         self.observation_space = spaces.Dict({
             "stage": spaces.Box(0, 1, (1,), f32),
@@ -206,8 +219,7 @@ class TwoStageKnobEnv(_KnobEnv):
         self._new_request()
         self._stage, self._tier = 0, 0
         self._prompt = self.backend.prompt(self._sample)
-        self._room = self._headroom()
-        return self._obs(), {"budget_ms": self._budget, "sample": self._sample}
+        return self._obs(), {"budget_ms": self._budget, "sample": self._sample, "guarded": self.guarded}
 
     def action_masks(self) -> np.ndarray:
         tier = np.zeros(3, bool)
@@ -221,6 +233,9 @@ class TwoStageKnobEnv(_KnobEnv):
 
     def step(self, action):
         action = np.asarray(action).reshape(-1)
+        if self._stage == 0 and self.guarded:  # served before stage 1 would have run
+            reward, info = self._finish(0)
+            return self._obs(), reward, True, False, info
         if self._stage == 0:
             self._tier = int(action[0])
             self._stage2 = self.backend.stage2(self._sample, self._tier)
@@ -232,11 +247,12 @@ class TwoStageKnobEnv(_KnobEnv):
 
 class SingleStageKnobEnv(_KnobEnv):
     def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
-                 global_ms: float = 0.0, reuse_low: bool = True):  # fmt: skip
+                 global_ms: float = 0.0, reuse_low: bool = True, guard=None, skip_guarded: bool = False):  # fmt: skip
         """`global_ms`: the cost of encoding the global view first, paid unless tier = low reuses it
-        (`reuse_low`: the VLM's own encoder; a distilled light encoder's features cannot be reused)."""
-        super().__init__(backend, budgets, full_ms, penalty, controller_ms)
+        (`reuse_low`: the VLM's own encoder; a distilled light encoder's features cannot be reused).
+        The guard decides before the global view is encoded, so its requests do not pay for it."""
         self.global_ms, self.reuse_low = float(global_ms), reuse_low
+        super().__init__(backend, budgets, full_ms, penalty, controller_ms, guard, skip_guarded)
         f32 = np.float32
         self.observation_space = spaces.Dict({
             "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
@@ -258,8 +274,7 @@ class SingleStageKnobEnv(_KnobEnv):
         self._new_request()
         self._prompt = self.backend.prompt(self._sample)
         self._global = self.backend.global_view(self._sample)
-        self._room = self._headroom()
-        return self._obs(), {"budget_ms": self._budget, "sample": self._sample}
+        return self._obs(), {"budget_ms": self._budget, "sample": self._sample, "guarded": self.guarded}
 
     def action_masks(self) -> np.ndarray:
         return np.ones(3 + N_TOP_K + N_BLOCKS, bool)
@@ -299,13 +314,16 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
 
 
 def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, cfg, penalty=None,
-             controller_ms: float = 0.0, global_ms: float = 0.0, reuse_low: bool = True):  # fmt: skip
+             controller_ms: float = 0.0, global_ms: float = 0.0, reuse_low: bool = True, guard=None,
+             skip_guarded: bool = False):  # fmt: skip
     """`cfg`: the VLM's config (observation shapes follow its widths)."""
     d_model = cfg.llm.d_model
     if kind == "two_stage":
-        return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, kv_shape(cfg))
+        return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, kv_shape(cfg), guard,
+                               skip_guarded)  # fmt: skip
     if kind == "single_stage":
-        return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms, reuse_low)
+        return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms, reuse_low,
+                                  guard, skip_guarded)  # fmt: skip
     raise ValueError(f"unknown environment kind {kind!r}; choose two_stage or single_stage")
 
 

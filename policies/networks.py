@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from envs.guard import BudgetGuard
 from envs.vlm.presets import FIRST_KNOBBED_LAYER
 from envs.vlm.staged import one_token_layer
 
@@ -193,6 +194,27 @@ class Stage2Scheduler(nn.Module):
         return self
 
 
+def register_serving_buffers(net: nn.Module) -> None:
+    """What a server needs to act as the environment did, saved with the policy: `added_ms`, the
+    controller time the environment added to each config's latency (a server adds it to its
+    predictions, so headroom means what it meant in training), and the budget guard's expected
+    scores and time (`guard_ms` -1: no guard)."""
+    net.register_buffer("added_ms", torch.zeros(N_CONFIGS))
+    net.register_buffer("guard_scores", torch.zeros(N_CONFIGS))
+    net.register_buffer("guard_ms", torch.tensor(-1.0))
+
+
+def set_guard(net: nn.Module, guard: BudgetGuard | None) -> None:
+    net.guard_scores.copy_(torch.as_tensor(guard.scores if guard else np.zeros(N_CONFIGS)))
+    net.guard_ms.fill_(guard.ms if guard else -1.0)
+
+
+def guard_of(net: nn.Module) -> BudgetGuard | None:
+    """The budget guard the policy was trained and evaluated with, if any."""
+    ms = float(net.guard_ms)
+    return None if ms < 0 else BudgetGuard(net.guard_scores.double().numpy(), ms)
+
+
 class TwoStageNet(nn.Module):
     """Routes each observation to stage 1 or stage 2 by its stage flag."""
 
@@ -210,9 +232,7 @@ class TwoStageNet(nn.Module):
         else:
             raise ValueError(f"unknown stage-1 variant {stage1!r}; choose budget, prompt or router")
         self.stage2 = Stage2Scheduler(vlm)
-        # the controller time its environment added to each config's latency in training: a server
-        # adds it to its predictions, so headroom means what it meant in training
-        self.register_buffer("added_ms", torch.zeros(N_CONFIGS))
+        register_serving_buffers(self)
 
     def forward(self, obs):
         stage2 = obs["stage"][:, 0] > 0.5
@@ -256,7 +276,7 @@ class SingleStageNet(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; choose mlp or transformer")
         self.pi = nn.Linear(hidden, N_TIER + N_TOP_K + N_BLOCKS)
         self.v = nn.Linear(hidden, 1)
-        self.register_buffer("added_ms", torch.zeros(N_CONFIGS))  # as in TwoStageNet
+        register_serving_buffers(self)
 
     def forward(self, obs):
         g, p = self.norm_g(obs["global_view"]), self.norm_p(obs["prompt"])

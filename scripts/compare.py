@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, dist, r["accuracy"], r["violation_rate"], r["mean_latency_ms"], r["mean_reward"],
                          r["controller_ms"], block["best_static"]["mean_reward"],
                          r.get("violation_rate_feasible", float("nan")),
-                         r.get("violation_rate_reachable", float("nan"))))  # fmt: skip
+                         r.get("violation_rate_reachable", float("nan")), r.get("guarded_fraction", 0.0)))  # fmt: skip
     lines = ["| run | budgets | accuracy | violation rate | mean latency ms | mean reward | controller ms | "
-             "best static reward | violation rate where a config fits | ... with the controller's time |",
-             "|---" * 10 + "|"]  # fmt: skip
+             "best static reward | violation rate where a config fits | ... with the controller's (or guard's) time | "
+             "served by the guard |",
+             "|---" * 11 + "|"]  # fmt: skip
     lines += [f"| {r[0]} | {r[1]} | " + " | ".join(f"{x:.3f}" for x in r[2:]) + " |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")

@@ -21,11 +21,13 @@ from agents.pipeline import Assets, assets_dir, controller_cost, evaluate_all
 from agents.report import markdown
 from agents.serving import load_policy
 from envs.budgets import BudgetError, Penalty, parse_distribution
+from envs.guard import BudgetGuard
 from envs.knob_env import replay_backend
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import weights_digest
 from envs.vlm.evaluate import all_configs
+from policies.networks import guard_of
 
 
 def test_table(assets: Assets, model_spec: str, seed: int, n: int) -> Path:
@@ -64,18 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         test = replay_backend(assets.vlm, test_table(assets, model.policy.vlm, args.seed, args.n), assets.latency_model)
         controller = controller_cost(assets, model, kind, env, parse_distribution("log_uniform"), args.seed)
         controller_ms = controller["charged_ms"]
+        guard = guard_of(model.policy.mlp_extractor.net)  # its expected scores; its time measured here
+        guard = guard and BudgetGuard(guard.scores, controller["guard_charged_ms"])
         policies = {"policy": model}
         if (args.policy.parent / "policy_bc.zip").is_file():
             policies["bc_only"] = load_policy(args.policy.parent / "policy_bc.zip")[0]
         penalty = Penalty(args.penalty, args.penalty_weight)
         results = evaluate_all(assets, kind, args.budgets, policies, penalty, controller_ms, args.episodes,
-                               args.seed, test)  # fmt: skip
+                               args.seed, test, guard)  # fmt: skip
     except (BudgetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {"policy": kind, "variant": getattr(model.policy, "stage1", getattr(model.policy, "fusion", "")),
             "policy_file": str(args.policy), "seed": args.seed, "n": args.n, "controller_ms": controller_ms,
-            "controller": controller,
+            "controller": controller, "guard_ms": guard.ms if guard else None,
             "full_config_ms": assets.full_ms, "minutes": 0.0, "peak_memory_mb": 0.0}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -23,7 +23,7 @@ def parse(argv: list[str] | None) -> Args:
     for f in __import__("dataclasses").fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
-            ap.add_argument(flag, action="store_true")
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif hints[f.name] is Path:
             ap.add_argument(flag, type=Path, default=f.default)
         elif f.name == "variant":

@@ -58,6 +58,10 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())  # every select_every (128) steps
     assert saved == [f"ppo_{n}_steps.zip" for n in (128, 256, 384, 512)]
     c = report["meta"]["controller"]
+    assert report["meta"]["guard_ms"] == c["guard_charged_ms"] and 0 < c["guard_charged_ms"] < c["charged_ms"]
+    assert all(0 <= b["ppo"]["guarded_fraction"] <= 1 and b["oracle"]["guarded_fraction"] == 0
+               for b in report["results"].values())  # fmt: skip
+    assert "budget guard" in (out / "eval.md").read_text()
     if encoder == "vlm":  # the serving path's cost, on the profile's clock
         assert c["charged_ms"] == report["meta"]["controller_ms"] == c["profile_ms"] > 0
         assert c["requests"] == 8 * (6 if policy == "two_stage" else 3)  # 8 train requests, repeated
@@ -109,6 +113,14 @@ def test_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
         train_main(argv)
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,guard,quick", [([], True, False), (["--no-guard", "--quick"], False, True)])
+def test_boolean_flags_keep_their_defaults_and_can_be_turned_off(argv, guard, quick):
+    from scripts.train_ppo import parse
+
+    args = parse(argv)
+    assert (args.guard, args.quick) == (guard, quick)
 
 
 def test_bad_budget_distribution_is_reported(assets, tmp_path, capsys, monkeypatch):

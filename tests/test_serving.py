@@ -124,3 +124,50 @@ def test_answer_script_serves_a_saved_policy_and_refuses_what_it_cannot(world, v
                          policy_kwargs={"vlm": str(tmp_path / "m")})  # fmt: skip
     single.save(tmp_path / "run" / "policy.zip")
     assert answer_main([*argv, "--budget-ms", "12"]) == 2 and "light encoder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["two_stage", "single_stage"])
+def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_policy(world, vlm_dir, kind, tmp_path):
+    from envs.guard import BudgetGuard
+    from envs.knob_env import N_CONFIGS
+    from policies.networks import guard_of, set_guard
+
+    tiny, _, _, samples = world
+    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.01)
+    if kind == "two_stage":
+        _, env = _envs(world, controller_ms=8.0, guard=guard)
+        model, cls = _policy(env, vlm_dir, "budget"), TwoStageServer
+    else:
+        _, env = _envs(world, SingleStageKnobEnv, controller_ms=8.0, global_ms=1.0, guard=guard)
+        model = MaskablePPO(SingleStagePolicy, env, n_steps=16, seed=0, policy_kwargs={"vlm": vlm_dir})
+        cls = SingleStageServer
+    net = model.policy.mlp_extractor.net
+    net.added_ms.copy_(torch.as_tensor(env.added_latency()))
+    assert guard_of(net) is None  # no guard until one is set
+    set_guard(net, guard)
+    model.save(tmp_path / "p.zip")
+    loaded = guard_of(MaskablePPO.load(tmp_path / "p.zip").policy.mlp_extractor.net)
+    np.testing.assert_allclose(loaded.scores, guard.scores)
+    assert loaded.ms == pytest.approx(0.01)
+    server = cls(net, tiny, env.full_ms, env.backend.latency_model)
+    guarded = 0
+    for seed in range(16):
+        obs, info = env.reset(seed=seed)
+        done = False
+        while not done:
+            obs, _, done, _, out = env.step(decide(model.policy, obs, env.action_masks()))
+        s = samples[info["sample"]]
+        served = server.serve(s.image, s.question, info["budget_ms"])
+        assert served.config == out["config"]
+        if out["guarded"]:
+            guarded += 1
+            c = served.config
+            assert served.answer == tiny.answer([s.image], [s.question], c.tier, c.top_k, c.blocks).answers[0]
+            assert "controller" in served.parts_ms and served.parts_ms["vision"] > 0
+    assert 0 < guarded < 16
+    got = (two_stage_overhead_ms if kind == "two_stage" else single_stage_overhead_ms)(
+        server, samples[:2], [5.0, 30.0], repeats=2
+    )
+    assert 0 < got["guard_ms"] < got["total_ms"] and got["guard_profile_ms"] == pytest.approx(
+        got["guard_ms"] / got["machine_speed"]
+    )

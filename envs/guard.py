@@ -1,0 +1,49 @@
+"""The budget guard: serve without the controller when, once it had run, no config could fit.
+
+A controller costs time (about 0.5 ms for the tiny model's). For a budget between the cheapest
+config's latency and that plus the controller's time, running the network guarantees a violation,
+while a cheap config served straight away would fit. The guard reads the headroom the policy would
+(each config's predicted latency for this request, controller time included, known before any
+vision work): if no config fits, it skips the network and serves the config with the best expected
+score among those that fit with only the guard's own time added (else the cheapest). The guard's
+time (the request's shapes, one 75-wide prediction and comparison) is charged instead of the
+controller's on the requests it serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class BudgetGuard:
+    scores: np.ndarray  # [configs] expected score of each config (train-split means): the fallback's ranking
+    ms: float  # the guard's own time, charged on the requests it serves
+
+    def __post_init__(self):
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        if self.scores.ndim != 1 or not np.isfinite(self.scores).all():
+            raise ValueError("guard scores must be one finite expected score per config")
+        if not np.isfinite(self.ms) or self.ms < 0:
+            raise ValueError(f"the guard's time must be a finite number of ms >= 0, got {self.ms}")
+        self.ms = float(self.ms)
+
+    @classmethod
+    def from_table(cls, table, ms: float) -> BudgetGuard:
+        """Expected scores from an outcome table's requests (use the train split's, never the test's)."""
+        return cls(table.valid().score.mean(axis=0), ms)
+
+    @staticmethod
+    def fires(headroom: np.ndarray) -> bool:
+        """No config fits once the controller has run (`headroom` = log(budget / latency with it))."""
+        return bool(np.max(headroom) < 0)
+
+    def pick(self, predicted_ms: np.ndarray, budget_ms: float) -> int:
+        """The fallback config: best expected score among those that fit with the guard's time alone,
+        else the cheapest. `predicted_ms`: each config's predicted latency without any controller."""
+        fits = np.asarray(predicted_ms) + self.ms <= budget_ms
+        if not fits.any():
+            return int(np.argmin(predicted_ms))
+        return int(np.argmax(np.where(fits, self.scores, -np.inf)))
