@@ -314,7 +314,7 @@ def run(args: Args) -> Path:
 
     controller = controller_cost(assets, model, args.policy, envs[0], train_dist, args.seed)
     controller_ms = controller["charged_ms"]
-    guard = BudgetGuard.from_table(assets.train.table, controller["guard_charged_ms"]) if args.guard else None
+    guard = BudgetGuard.from_table(assets.train.table, controller["guard_charged_ms"], penalty) if args.guard else None
     for e in envs:  # training sees only the requests the policy decides
         e.controller_ms, e.guard, e.skip_guarded = controller_ms, guard, True
     # the policy carries the time its environment adds and its guard, so a server acts as training did

@@ -5,22 +5,26 @@ config's latency and that plus the controller's time, running the network guaran
 while a cheap config served straight away would fit. The guard reads the headroom the policy would
 (each config's predicted latency for this request, controller time included, known before any
 vision work): if no config fits, it skips the network and serves the config with the best expected
-score among those that fit with only the guard's own time added (else the cheapest). The guard's
-time (the request's shapes, one 75-wide prediction and comparison) is charged instead of the
-controller's on the requests it serves.
+reward with only the guard's own time added: expected score minus the penalty (the best expected
+score among the configs that fit; where none does, under the indicator penalty, the best score, as
+the oracle takes). The guard's time (the request's shapes, one 75-wide prediction and comparison)
+is charged instead of the controller's on the requests it serves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from envs.budgets import Penalty
 
 
 @dataclass
 class BudgetGuard:
     scores: np.ndarray  # [configs] expected score of each config (train-split means): the fallback's ranking
     ms: float  # the guard's own time, charged on the requests it serves
+    penalty: Penalty = field(default_factory=Penalty)  # the reward's, which the fallback maximises
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -31,9 +35,9 @@ class BudgetGuard:
         self.ms = float(self.ms)
 
     @classmethod
-    def from_table(cls, table, ms: float) -> BudgetGuard:
+    def from_table(cls, table, ms: float, penalty: Penalty | None = None) -> BudgetGuard:
         """Expected scores from an outcome table's requests (use the train split's, never the test's)."""
-        return cls(table.valid().score.mean(axis=0), ms)
+        return cls(table.valid().score.mean(axis=0), ms, penalty or Penalty())
 
     @staticmethod
     def fires(headroom: np.ndarray) -> bool:
@@ -41,9 +45,6 @@ class BudgetGuard:
         return bool(np.max(headroom) < 0)
 
     def pick(self, predicted_ms: np.ndarray, budget_ms: float) -> int:
-        """The fallback config: best expected score among those that fit with the guard's time alone,
-        else the cheapest. `predicted_ms`: each config's predicted latency without any controller."""
-        fits = np.asarray(predicted_ms) + self.ms <= budget_ms
-        if not fits.any():
-            return int(np.argmin(predicted_ms))
-        return int(np.argmax(np.where(fits, self.scores, -np.inf)))
+        """The fallback config: the best expected reward with the guard's time alone (ties: the first).
+        `predicted_ms`: each config's predicted latency without any controller."""
+        return int(np.argmax(self.scores - self.penalty(np.asarray(predicted_ms) + self.ms, budget_ms)))

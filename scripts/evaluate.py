@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         test = replay_backend(assets.vlm, test_table(assets, model.policy.vlm, args.seed, args.n), assets.latency_model)
         controller = controller_cost(assets, model, kind, env, parse_distribution("log_uniform"), args.seed)
         controller_ms = controller["charged_ms"]
-        guard = guard_of(model.policy.mlp_extractor.net)  # its expected scores; its time measured here
-        guard = guard and BudgetGuard(guard.scores, controller["guard_charged_ms"])
+        penalty = Penalty(args.penalty, args.penalty_weight)
+        guard = guard_of(model.policy.mlp_extractor.net)  # its expected scores; time and penalty of this run
+        guard = guard and BudgetGuard(guard.scores, controller["guard_charged_ms"], penalty)
         policies = {"policy": model}
         if (args.policy.parent / "policy_bc.zip").is_file():
             policies["bc_only"] = load_policy(args.policy.parent / "policy_bc.zip")[0]
-        penalty = Penalty(args.penalty, args.penalty_weight)
         results = evaluate_all(assets, kind, args.budgets, policies, penalty, controller_ms, args.episodes,
                                args.seed, test, guard)  # fmt: skip
     except (BudgetError, FileNotFoundError, ValueError) as e:

@@ -5,18 +5,21 @@ import pytest
 from conftest import _envs
 
 from agents.evaluation import feasible
+from envs.budgets import Penalty
 from envs.guard import BudgetGuard
 from envs.knob_env import N_CONFIGS, SingleStageKnobEnv, TwoStageKnobEnv
 
 
-def test_guard_fires_only_when_nothing_fits_and_picks_the_best_config_that_fits_alone():
-    guard = BudgetGuard(np.array([0.1, 0.9, 0.5, 0.7]), ms=0.5)
+def test_guard_fires_only_when_nothing_fits_and_picks_the_best_expected_reward():
+    guard = BudgetGuard(np.array([0.1, 0.9, 0.5, 0.7]), ms=0.5)  # the indicator penalty, weight 1
     assert guard.fires(np.array([-0.1, -0.01, -2.0, -1.0])) and not guard.fires(np.array([-1.0, 0.0, -2.0, -3.0]))
     predicted = np.array([1.0, 3.0, 1.2, 2.0])
     assert guard.pick(predicted, 2.6) == 3  # the 0.9 config needs 3.5 ms; 0.7 fits in 2.5
     assert guard.pick(predicted, 3.5) == 1
     assert guard.pick(predicted, 1.75) == 2  # 1.5 and 1.7 fit: the better of 0.1 and 0.5
-    assert guard.pick(predicted, 1.2) == 0  # nothing fits with the guard's time: the cheapest
+    assert guard.pick(predicted, 1.2) == 1  # nothing fits: every config pays the same penalty, the best score
+    relative = BudgetGuard(guard.scores, ms=0.5, penalty=Penalty("relative", 1.0))
+    assert relative.pick(predicted, 1.2) == 2  # 0.5 - 0.42 beats 0.1 - 0.25, 0.9 - 1.92 and 0.7 - 1.08
 
 
 def test_guard_scores_are_the_tables_mean_scores(world):

@@ -133,7 +133,9 @@ def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_p
     from policies.networks import guard_of, set_guard
 
     tiny, _, _, samples = world
-    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.01)
+    from envs.budgets import Penalty
+
+    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.01, penalty=Penalty("relative", 2.0))
     if kind == "two_stage":
         _, env = _envs(world, controller_ms=8.0, guard=guard)
         model, cls = _policy(env, vlm_dir, "budget"), TwoStageServer
@@ -148,7 +150,7 @@ def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_p
     model.save(tmp_path / "p.zip")
     loaded = guard_of(MaskablePPO.load(tmp_path / "p.zip").policy.mlp_extractor.net)
     np.testing.assert_allclose(loaded.scores, guard.scores)
-    assert loaded.ms == pytest.approx(0.01)
+    assert loaded.ms == pytest.approx(0.01) and loaded.penalty == guard.penalty
     server = cls(net, tiny, env.full_ms, env.backend.latency_model)
     guarded = 0
     for seed in range(16):
