@@ -52,6 +52,7 @@ class Args:
     penalty: str = "indicator"
     penalty_weight: float = 1.0
     oracle: str = "expected"  # behaviour cloning's labels: expected scores over similar requests, or "sample"
+    oracle_shrink: float = 0.5  # expected scores moved this far from each config's overall mean (1: pure k-NN)
     bc_episodes: int = 3000
     bc_epochs: int = 15
     ppo_steps: int = 65536
@@ -71,6 +72,8 @@ class Args:
             raise ValueError(f"unknown {self.policy} variant {self.variant!r}; choose one of {VARIANTS[self.policy]}")
         if self.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {self.oracle!r}; choose one of {ORACLES}")
+        if not 0.0 <= self.oracle_shrink <= 1.0:
+            raise ValueError(f"oracle shrink must lie in [0, 1], got {self.oracle_shrink}")
         if self.encoder not in ("vlm", "light"):
             raise ValueError(f"unknown global-view encoder {self.encoder!r}; choose vlm or light")
         if self.quick:
@@ -323,7 +326,8 @@ def run(args: Args) -> Path:
     print(f"controller overhead {controller_ms:.2f} ms per request"
           + (f"; budget guard {guard.ms:.3f} ms" if guard else ""))  # fmt: skip
 
-    demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed, oracle=args.oracle)
+    demos = collect(envs[0], args.bc_episodes, gamma=1.0, seed=args.seed, oracle=args.oracle,
+                    shrink=args.oracle_shrink)  # fmt: skip
     writer = SummaryWriter(str(args.out / "tb" / "bc"))
     history = behaviour_clone(model.policy, demos, args.bc_epochs, seed=args.seed, log=writer.add_scalar)
     writer.close()

@@ -39,24 +39,30 @@ def oracle_from_arrays(score: np.ndarray, latency: np.ndarray, budgets: np.ndarr
     return np.where(fits.any(axis=1), key.argmax(axis=1), fallback)
 
 
-def expected_scores(score: np.ndarray, features: np.ndarray, k: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
+def expected_scores(score: np.ndarray, features: np.ndarray, k: int = 32, rows: np.ndarray | None = None,
+                    shrink: float = 1.0) -> np.ndarray:  # fmt: skip
     """Each sample's score per config averaged over its k nearest other samples ([n, c]).
 
     Distances are Euclidean on standardised `features` (what a controller observes of a request),
     the sample itself is left out, and only `rows` (default all) serve as neighbours. The result
     estimates E[score | observation]: an oracle that maximises it asks a controller for what it can
     learn, where the per-sample oracle asks it to guess which config one sample happened to get right.
+    `shrink` < 1 moves each estimate that far from the config's mean over `rows` towards it: the mean
+    of k neighbours is noisy, and an argmax over 75 noisy estimates picks the lucky ones.
     """
     rows = np.arange(len(score)) if rows is None else np.asarray(rows)
     if len(rows) < 2:
         raise ValueError("expected scores need at least two samples")
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must lie in [0, 1], got {shrink}")
     x = np.asarray(features, dtype=np.float64)
     x = (x - x[rows].mean(0)) / (x[rows].std(0) + 1e-6)
     d = ((x[:, None] - x[None, rows]) ** 2).sum(-1)
     d[rows, np.arange(len(rows))] = np.inf  # leave the sample itself out
     k = min(k, len(rows) - 1)
     nearest = rows[np.argpartition(d, k - 1, axis=1)[:, :k]]
-    return score[nearest].mean(axis=1)
+    overall = score[rows].mean(axis=0)
+    return overall + shrink * (score[nearest].mean(axis=1) - overall)
 
 
 def max_config(table: OutcomeTable) -> int:

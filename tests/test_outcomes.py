@@ -245,6 +245,23 @@ def test_expected_scores_average_the_nearest_other_samples():
         expected_scores(score, features, rows=np.array([0]))
 
 
+@pytest.mark.parametrize("shrink", [0.0, 0.25, 0.5, 1.0])
+def test_shrunk_expected_scores_lie_between_the_neighbours_and_the_overall_mean(shrink):
+    rng = np.random.default_rng(1)
+    features, score = rng.normal(size=(12, 3)), rng.random((12, 5))
+    local, overall = expected_scores(score, features, k=4), score.mean(0)
+    got = expected_scores(score, features, k=4, shrink=shrink)
+    np.testing.assert_allclose(got, overall + shrink * (local - overall))
+    if shrink == 0.0:  # every request then gets the same labels: those of the best static config
+        np.testing.assert_allclose(got, np.broadcast_to(overall, got.shape))
+
+
+@pytest.mark.parametrize("shrink", [-0.1, 1.5])
+def test_bad_shrink_is_refused(shrink):
+    with pytest.raises(ValueError, match=r"shrink must lie in \[0, 1\]"):
+        expected_scores(np.zeros((4, 2)), np.zeros((4, 3)), k=2, shrink=shrink)
+
+
 def test_baselines():
     t = _table([[1, 0.5, 0], [0.5, 0.5, 0.5], [0, 1, 0]], [[30, 20, 10]] * 3)
     assert max_config(t) == 0
