@@ -96,7 +96,7 @@ def test_bfloat16_tolerance():
     yes/no, margin 0.0 in bf16, may flip). Differences come from the padded shapes' reduction order."""
     for model, check_answers in ((build_model("tiny", seed=0), False), (load_model("tiny"), True)):
         model = model.to(torch.bfloat16)
-        samples = [make_sample(2, i) for i in range(5)]
+        samples = [make_sample(2, i) for i in range(10)]  # 20 first tokens: the stage-8 model is decided on 7
         plain, fast = both_paths(model, [s.image for s in samples], [s.question for s in samples], "medium",
                                  [(8, 13), (2, 7)], max_new_tokens=3)  # fmt: skip
         decided = 0
@@ -109,7 +109,7 @@ def test_bfloat16_tolerance():
                 if check_answers and margin > 2 * 0.02 * scale:
                     assert first[n].argmax() == first_fast[n].argmax()
                     decided += 1
-        assert decided >= 4 or not check_answers  # the trained model is decided on most of these
+        assert decided >= 4 or not check_answers  # the check compares answers, not only logits
         model.use_fast_path(None)
 
 
