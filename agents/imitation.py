@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.knob_env import N_BLOCKS, N_TOP_K, TwoStageKnobEnv, config_knobs
+from envs.knob_env import TwoStageKnobEnv, config_knobs
 from envs.oracle import expected_scores, oracle_from_arrays
-from policies.networks import N_TIER
 
 
 @dataclass
@@ -50,7 +49,7 @@ def oracle_scores(backend, oracle: str = "expected", k: int = 32, shrink: float 
     return expected_scores(score, features, k, rows=backend.valid, shrink=shrink)
 
 
-def oracle_action(env, scores: np.ndarray | None = None, tier: int | None = None) -> tuple[int, int, int]:
+def oracle_action(env, scores: np.ndarray | None = None) -> tuple[int, int, int]:
     """The oracle config for the env's current (sample, budget), as (tier, k, b) indices.
 
     Latencies include what the environment adds (controller time), so labels respect the budget.
@@ -59,56 +58,38 @@ def oracle_action(env, scores: np.ndarray | None = None, tier: int | None = None
     penalty, the best score). The label jumps there below the feasibility edge; the policies see the
     edge in the headroom's signs (before they did, such labels made them overshoot budgets just
     above it: violations 0.13-0.65 after BC, so the label was the cheapest config).
-    `tier`: the best config within that tier (the label for stage 2 when stage 1 chose it).
     """
     table = env.backend.table
     scores = table.score if scores is None else scores
     row = env.backend.valid[env._sample]
     latency = table.latency[row : row + 1] + env.added_latency()[None]
-    score = scores[row : row + 1]
-    if tier is not None:  # configs are tier-major: this tier's block of top_k x blocks
-        block = slice(tier * N_TOP_K * N_BLOCKS, (tier + 1) * N_TOP_K * N_BLOCKS)
-        best = int(oracle_from_arrays(score[:, block], latency[:, block], [env._budget], env.penalty)[0])
-        return config_knobs(block.start + best)
-    return config_knobs(int(oracle_from_arrays(score, latency, [env._budget], env.penalty)[0]))
+    return config_knobs(int(oracle_from_arrays(scores[row : row + 1], latency, [env._budget], env.penalty)[0]))
 
 
 def collect(env, episodes: int, gamma: float, seed: int = 0, oracle: str = "expected",
-            shrink: float = 0.5, every_tier: bool = True) -> Demonstrations:  # fmt: skip
-    """Roll the oracle through the environment; record every step (rewards are the episode's own).
-
-    Two-stage with `every_tier`: stage 2 also gets the oracle's (top_k, blocks) for the tiers the
-    oracle did not pick, from the same request and budget. Stage 1 may hand it any tier (a
-    budget-only stage 1 cannot tell which tier a request's label wants), and without these stage 2
-    learned each request only at its label's tier."""
+            shrink: float = 0.5) -> Demonstrations:  # fmt: skip
+    """Roll the oracle through the environment; record every step (rewards are the episode's own)."""
     scores = oracle_scores(env.backend, oracle, shrink=shrink)
     obs_list, actions, masks, returns = [], [], [], []
     two_stage = isinstance(env, TwoStageKnobEnv)
-
-    def record(steps, episode_seed):
-        obs, _ = env.reset(seed=episode_seed)
-        ep_obs, ep_masks, reward = [], [], 0.0
+    for ep in tqdm(range(episodes), desc="oracle demos", leave=False):
+        obs, _ = env.reset(seed=seed + ep)
+        if env.guarded:  # the guard serves it: no decision to imitate
+            continue
+        tier, k, b = oracle_action(env, scores)
+        steps = [(tier, 0, 0), (tier, k, b)] if two_stage else [(tier, k, b)]
+        ep_obs, ep_masks = [], []
+        reward = 0.0
         for action in steps:
             ep_obs.append(obs)
             ep_masks.append(env.action_masks())
             obs, reward, done, _, _ = env.step(np.array(action))
-        for t in range(len(steps)):
+        n = len(steps)
+        for t in range(n):
             obs_list.append(ep_obs[t])
             actions.append(steps[t])
             masks.append(ep_masks[t])
-            returns.append(reward * gamma ** (len(steps) - 1 - t))
-
-    for ep in tqdm(range(episodes), desc="oracle demos", leave=False):
-        env.reset(seed=seed + ep)
-        if env.guarded:  # the guard serves it: no decision to imitate
-            continue
-        tier, k, b = oracle_action(env, scores)
-        other = [oracle_action(env, scores, t) for t in range(N_TIER) if t != tier] if two_stage and every_tier else []
-        record([(tier, 0, 0), (tier, k, b)] if two_stage else [(tier, k, b)], seed + ep)
-        for t, kt, bt in other:  # the same request again, stage 1 overruled: only stage 2 is recorded
-            record([(t, 0, 0), (t, kt, bt)], seed + ep)
-            for store in (obs_list, actions, masks, returns):
-                del store[-2]
+            returns.append(reward * gamma ** (n - 1 - t))
     keys = obs_list[0].keys()
     return Demonstrations({k: np.stack([o[k] for o in obs_list]) for k in keys}, np.array(actions),
                           np.array(masks), np.array(returns, np.float32))  # fmt: skip
