@@ -149,10 +149,15 @@ class SingleStageServer(_Server):
         super().__init__(net, vlm, full_ms, latency_model)
         self.heads = SingleStageHeads(net) if net.fusion == "mlp" else None
 
-    def choose(self, image, question: str, budget_ms: float, pre, prepared) -> tuple[int, int, int]:
-        """The three knobs, from the budget, the prompt and the encoded global crop (`pre`, `prepared`)."""
+    def choose(
+        self, image, question: str, budget_ms: float, pre, prepared, with_controller=None
+    ) -> tuple[int, int, int]:
+        """The three knobs, from the budget, the prompt and the encoded global crop (`pre`, `prepared`);
+        `with_controller`: `predict`'s, if already known."""
+        if with_controller is None:
+            with_controller = self.predict(image, question)[1]
         prompt, global_view = summarise(self.vlm, prepared, pre)  # the prompt's embeddings are in `prepared`
-        obs = {**self.budget_obs(image, question, budget_ms), "prompt": prompt[0], "global_view": global_view[0]}
+        obs = {**self._budget_obs(budget_ms, with_controller), "prompt": prompt[0], "global_view": global_view[0]}
         if self.heads is not None:
             logits = self.heads.logits(obs["budget"], obs["headroom"], obs["prompt"], obs["global_view"])
         else:
@@ -166,14 +171,15 @@ class SingleStageServer(_Server):
         timer, vlm = StageTimer(self.vlm.device), self.vlm
         t0 = time.perf_counter()
         with timer.stage("controller"):
-            fallback = self.guarded(budget_ms, *self.predict(image, question))
+            alone, with_controller = self.predict(image, question)
+            fallback = self.guarded(budget_ms, alone, with_controller)
         if fallback is not None:
             return self.serve_config(image, question, fallback, timer, t0)
         glance = StageTimer(self.vlm.device)  # the global crop: the VLM's low tier, reused there
         pre, prepared, _ = timed_prefix(vlm, image, question, TIERS[0], glance, run_prefix=False)
         with torch.no_grad():
             with timer.stage("controller"):
-                tier, ki, bi = self.choose(image, question, budget_ms, pre, prepared)
+                tier, ki, bi = self.choose(image, question, budget_ms, pre, prepared, with_controller)
             if tier == 0:
                 for part in ("preprocess", "vision", "connector"):
                     timer.ms[part] += glance.ms[part]
@@ -219,13 +225,14 @@ def single_stage_overhead_ms(
             for sample, budget in zip(samples, budgets_ms, strict=True):
                 guard.append(_guard_ms(server, sample, budget))
                 t0 = time.perf_counter()  # as in `serve`: the guard's check, the global crop, the network
-                server.guarded(budget, *server.predict(sample.image, sample.question))
+                alone, with_controller = server.predict(sample.image, sample.question)
+                server.guarded(budget, alone, with_controller)
                 check = time.perf_counter() - t0
                 glance = StageTimer(server.vlm.device)
                 pre, prepared, _ = timed_prefix(server.vlm, sample.image, sample.question, TIERS[0], glance,
                                                 run_prefix=False)  # fmt: skip
                 t0 = time.perf_counter()
-                server.choose(sample.image, sample.question, budget, pre, prepared)
+                server.choose(sample.image, sample.question, budget, pre, prepared, with_controller)
                 own.append((time.perf_counter() - t0 + check) * 1e3)
                 glance_ms.append(sum(glance.ms.values()))
     predicted = max(1e-6, sum(max(0.0, a + b * 1) for a, b in lm.per_crop.values()))  # one crop
