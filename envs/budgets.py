@@ -101,6 +101,9 @@ def budget_features(budget_ms: np.ndarray | float, full_ms: float) -> np.ndarray
     return np.stack([np.log(b), ratio, np.log(ratio)], axis=-1).astype(np.float32)
 
 
+PENALTY_KINDS = ("indicator", "relative")
+
+
 @dataclass
 class Penalty:
     """The budget-violation penalty: `indicator` = weight * [latency > budget]; `relative` = weight *
@@ -110,7 +113,7 @@ class Penalty:
     weight: float = 1.0
 
     def __post_init__(self):
-        if self.kind not in ("indicator", "relative"):
+        if self.kind not in PENALTY_KINDS:
             raise ValueError(f"unknown penalty {self.kind!r}; choose indicator or relative")
         if not np.isfinite(self.weight) or self.weight < 0:
             raise ValueError(f"penalty weight must be a finite number >= 0, got {self.weight}")

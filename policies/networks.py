@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs.budgets import Penalty
+from envs.budgets import PENALTY_KINDS, Penalty
 from envs.guard import BudgetGuard
 from envs.vlm.presets import FIRST_KNOBBED_LAYER
 from envs.vlm.staged import one_token_layer
@@ -199,21 +199,18 @@ def register_serving_buffers(net: nn.Module) -> None:
     """What a server needs to act as the environment did, saved with the policy: `added_ms`, the
     controller time the environment added to each config's latency (a server adds it to its
     predictions, so headroom means what it meant in training), and the budget guard's expected
-    scores, time (-1: no guard) and penalty (kind index in `PENALTIES`, weight)."""
+    scores, time (-1: no guard) and penalty (kind index in `PENALTY_KINDS`, weight)."""
     net.register_buffer("added_ms", torch.zeros(N_CONFIGS))
     net.register_buffer("guard_scores", torch.zeros(N_CONFIGS))
     net.register_buffer("guard_ms", torch.tensor(-1.0))
     net.register_buffer("guard_penalty", torch.tensor([0.0, 1.0]))
 
 
-PENALTIES = ("indicator", "relative")
-
-
 def set_guard(net: nn.Module, guard: BudgetGuard | None) -> None:
     net.guard_scores.copy_(torch.as_tensor(guard.scores if guard else np.zeros(N_CONFIGS)))
     net.guard_ms.fill_(guard.ms if guard else -1.0)
     penalty = guard.penalty if guard else Penalty()
-    net.guard_penalty.copy_(torch.tensor([PENALTIES.index(penalty.kind), penalty.weight]))
+    net.guard_penalty.copy_(torch.tensor([PENALTY_KINDS.index(penalty.kind), penalty.weight]))
 
 
 def guard_of(net: nn.Module) -> BudgetGuard | None:
@@ -222,7 +219,7 @@ def guard_of(net: nn.Module) -> BudgetGuard | None:
     if ms < 0:
         return None
     kind, weight = net.guard_penalty.tolist()
-    return BudgetGuard(net.guard_scores.double().numpy(), ms, Penalty(PENALTIES[int(kind)], weight))
+    return BudgetGuard(net.guard_scores.double().numpy(), ms, Penalty(PENALTY_KINDS[int(kind)], weight))
 
 
 class TwoStageNet(nn.Module):
