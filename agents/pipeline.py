@@ -119,13 +119,18 @@ class Assets:
             self.test.table.meta["dataset"])))  # fmt: skip
         self.global_ms, self.reuse_low = overhead_ms(enc, train_px), False
 
-    def serving_overhead(self, model: MaskablePPO, kind: str, budgets, seed: int, n: int = 24) -> dict:
-        """The controller's cost on the serving path (agents/serving.py), on train requests."""
-        from agents.serving import SingleStageServer, TwoStageServer, single_stage_overhead_ms, two_stage_overhead_ms
+    def _timing_requests(self, budgets, seed: int, n: int = 24) -> tuple[list, list[float]]:
+        """The first `n` train requests and a budget for each: what controller costs are timed on."""
         from envs.outcomes import dataset_samples
 
         samples = dataset_samples(self.train.table.meta["dataset"], 0, n)
-        budgets_ms = budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
+        return samples, budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
+
+    def serving_overhead(self, model: MaskablePPO, kind: str, budgets, seed: int) -> dict:
+        """The controller's cost on the serving path (agents/serving.py), on train requests."""
+        from agents.serving import SingleStageServer, TwoStageServer, single_stage_overhead_ms, two_stage_overhead_ms
+
+        samples, budgets_ms = self._timing_requests(budgets, seed)
         net = model.policy.mlp_extractor.net
         if kind == "two_stage":
             return two_stage_overhead_ms(TwoStageServer(net, self.vlm, self.full_ms, self.latency_model), samples,
@@ -133,13 +138,11 @@ class Assets:
         server = SingleStageServer(net, self.vlm, self.full_ms, self.latency_model)
         return single_stage_overhead_ms(server, samples, budgets_ms)
 
-    def guard_overhead(self, model: MaskablePPO, budgets, seed: int, n: int = 24) -> float:
+    def guard_overhead(self, model: MaskablePPO, budgets, seed: int) -> float:
         """The budget guard's own time (median ms of wall time) on train requests."""
         from agents.serving import SingleStageServer, guard_overhead_ms
-        from envs.outcomes import dataset_samples
 
-        samples = dataset_samples(self.train.table.meta["dataset"], 0, n)
-        budgets_ms = budgets.sample(np.random.default_rng(seed), len(samples), self.full_ms).tolist()
+        samples, budgets_ms = self._timing_requests(budgets, seed)
         server = SingleStageServer(model.policy.mlp_extractor.net, self.vlm, self.full_ms, self.latency_model)
         return guard_overhead_ms(server, samples, budgets_ms)
 
