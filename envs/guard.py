@@ -5,10 +5,10 @@ config's latency and that plus the controller's time, running the network guaran
 while a cheap config served straight away would fit. The guard reads the headroom the policy would
 (each config's predicted latency for this request, controller time included, known before any
 vision work): if no config fits, it skips the network and serves the config with the best expected
-reward with only the guard's own time added: expected score minus the penalty (the best expected
-score among the configs that fit; where none does, under the indicator penalty, the best score, as
-the oracle takes). The guard's time (the request's shapes, one 75-wide prediction and comparison)
-is charged instead of the controller's on the requests it serves.
+reward with only the guard's own time added: expected score minus the penalty (under the default
+indicator penalty of weight 1: the best expected score among the configs that fit, and where none
+does, the best score, as the oracle takes). The guard's time (the request's shapes, one 75-wide
+prediction and comparison) is charged instead of the controller's on the requests it serves.
 """
 
 from __future__ import annotations
