@@ -14,7 +14,7 @@ from envs.knob_env import TwoStageKnobEnv, config_knobs
 from envs.oracle import best_static_from_arrays, max_config, oracle_from_arrays, random_feasible_from_arrays
 
 METRICS = ("accuracy", "violation_rate", "violation_rate_feasible", "violation_rate_reachable", "mean_latency_ms",
-           "p95_latency_ms", "mean_reward", "controller_ms", "guarded_fraction")  # fmt: skip
+           "p95_latency_ms", "mean_reward", "controller_ms", "guarded_fraction", "repaired_fraction")  # fmt: skip
 
 
 def feasible(env, with_controller: bool = False) -> bool:
@@ -37,7 +37,7 @@ def feasible(env, with_controller: bool = False) -> bool:
 def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np.ndarray]:
     """`choose(env, obs, masks) -> action` for each step; returns per-episode arrays."""
     keys = ("score", "latency", "violation", "reward", "controller", "config", "budget", "feasible", "reachable",
-            "guarded")  # fmt: skip
+            "guarded", "repaired")  # fmt: skip
     out = {k: [] for k in keys}
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
@@ -48,7 +48,8 @@ def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np
             obs, reward, done, _, info = env.step(choose(env, obs, env.action_masks()))
         for key, val in (("score", info["score"]), ("latency", info["latency_ms"]), ("violation", info["violation"]),
                          ("reward", reward), ("controller", info["controller_ms"]), ("config", info["config_index"]),
-                         ("budget", info["budget_ms"]), ("guarded", info.get("guarded", False))):  # fmt: skip
+                         ("budget", info["budget_ms"]), ("guarded", info.get("guarded", False)),
+                         ("repaired", info.get("repaired", False))):  # fmt: skip
             out[key].append(val)
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -56,13 +57,15 @@ def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np
 def summarize(r: dict[str, np.ndarray]) -> dict[str, float]:
     """`violation_rate_feasible`: among episodes whose budget the cheapest config fits;
     `violation_rate_reachable`: among those it fits with the policy's own overhead added;
-    `guarded_fraction`: episodes the budget guard served without the policy."""
+    `guarded_fraction`: episodes the budget guard served without the policy; `repaired_fraction`:
+    episodes whose chosen config did not fit and the guard served one that does instead."""
     fits, reach = r["feasible"].astype(bool), r["reachable"].astype(bool)
     return {
         "accuracy": float(r["score"].mean()), "violation_rate": float(r["violation"].mean()),
         "violation_rate_feasible": float(r["violation"][fits].mean()) if fits.any() else 0.0,
         "violation_rate_reachable": float(r["violation"][reach].mean()) if reach.any() else 0.0,
         "feasible_fraction": float(fits.mean()), "guarded_fraction": float(r["guarded"].mean()),
+        "repaired_fraction": float(r["repaired"].mean()),
         "mean_latency_ms": float(r["latency"].mean()), "p95_latency_ms": float(np.percentile(r["latency"], 95)),
         "mean_reward": float(r["reward"].mean()), "controller_ms": float(r["controller"].mean()),
         "episodes": len(r["score"]),

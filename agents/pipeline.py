@@ -62,6 +62,7 @@ class Args:
     eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
     guard: bool = True  # the budget guard (envs/guard.py) serves requests no config fits after the controller
+    repair: bool = True  # and (with the guard) serves a config that fits where the policy's does not
     seed: int = 0
 
     def __post_init__(self):
@@ -320,7 +321,8 @@ def run(args: Args) -> Path:
 
     controller = controller_cost(assets, model, args.policy, envs[0], train_dist, args.seed)
     controller_ms = controller["charged_ms"]
-    guard = BudgetGuard.from_table(assets.train.table, controller["guard_charged_ms"], penalty) if args.guard else None
+    guard_ms = controller["guard_charged_ms"]
+    guard = BudgetGuard.from_table(assets.train.table, guard_ms, penalty, args.repair) if args.guard else None
     for e in envs:  # training sees only the requests the policy decides
         e.controller_ms, e.guard, e.skip_guarded = controller_ms, guard, True
     # the policy carries the time its environment adds and its guard, so a server acts as training did
@@ -352,7 +354,7 @@ def run(args: Args) -> Path:
     results = evaluate_all(assets, args.policy, args.eval_budgets, {"ppo": model, "bc_only": bc}, penalty,
                            controller_ms, args.eval_episodes, args.seed + 10_000, guard=guard)  # fmt: skip
     meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms, "controller": controller,
-            "guard_ms": guard.ms if guard else None,
+            "guard_ms": guard.ms if guard else None, "repair": bool(guard and guard.repair),
             "global_view": {"encoder": args.encoder, "ms": assets.global_ms, "reused_at_low_tier": assets.reuse_low,
                             "distillation_relative_error": assets.light_encoder_error},
             "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,

@@ -37,7 +37,10 @@ def markdown(meta: dict, results: dict) -> str:
                       f"the same decisions through `decide`: {c['decide_ms']:.2f} ms", ""]  # fmt: skip
     if meta.get("guard_ms") is not None:
         lines[2:2] = [f"budget guard (envs/guard.py): requests no config fits once the controller has run are served "
-                      f"its fallback config for {meta['guard_ms']:.3f} ms instead (guarded_fraction)", ""]  # fmt: skip
+                      f"its fallback config for {meta['guard_ms']:.3f} ms instead (guarded_fraction)"
+                      + ("; a chosen config predicted not to fit is replaced by the best one that does, where one"
+                         " does (two-stage: of the chosen tier; repaired_fraction)" if meta.get("repair") else ""),
+                      ""]  # fmt: skip
     for dist, block in results.items():
         lines += [f"## budgets: {dist}", "", "| policy | " + " | ".join(METRICS) + " |",
                   "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip

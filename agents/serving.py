@@ -9,7 +9,8 @@ Replay training computes the same budget-token state from cached keys and values
 Single-stage: the global crop is encoded first with the VLM's own encoder, the network picks all
 three knobs, and the low tier reuses the encoded crop.
 Both first run the policy's budget guard (`envs/guard.py`), if it has one: when no config fits once
-the controller has run, the guard's fallback config is served at once.
+the controller has run, the guard's fallback config is served at once; and the guard repairs the
+network's config when it does not fit (two-stage: within the chosen tier), as the environments do.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
 from envs.guard import BudgetGuard
-from envs.knob_env import config_knobs
+from envs.knob_env import N_BLOCKS, config_index, config_knobs
 from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
@@ -114,8 +115,14 @@ class TwoStageServer(_Server):
         token, room = self.heads.budget_token(obs["budget"], obs["headroom"], tier)
         return torch.from_numpy(token)[None], room
 
-    def choose_knobs(self, side_state: torch.Tensor, room: np.ndarray) -> tuple[int, int]:
-        return self.heads.knobs(side_state[0].float().cpu().numpy(), room)
+    def choose_knobs(self, side_state: torch.Tensor, room: np.ndarray, tier: int) -> tuple[int, int]:
+        """Stage 2: top_k and blocks, repaired by the guard within the tier if they do not fit."""
+        ki, bi = self.heads.knobs(side_state[0].float().cpu().numpy(), room)
+        if self.guard is None:
+            return ki, bi
+        first, n = tier * N_TOP_K * N_BLOCKS, N_TOP_K * N_BLOCKS  # room: the tier's headroom, then its fits
+        _, ki, bi = config_knobs(self.guard.repaired(config_index(tier, ki, bi), room[:n], first))
+        return ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
         budget_ms = check_budget(budget_ms)
@@ -134,7 +141,7 @@ class TwoStageServer(_Server):
                 sees = stage2_sees(vlm, pre, prepared.valid.shape[1])
                 state = vlm.prefix(prepared, side_token=token.to(vlm.device), side_sees=sees.to(vlm.device))
             with timer.stage("controller"):
-                ki, bi = self.choose_knobs(state.side_state, room)
+                ki, bi = self.choose_knobs(state.side_state, room, tier)
             config = Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
         total = (time.perf_counter() - t0) * 1e3
@@ -164,6 +171,8 @@ class SingleStageServer(_Server):
             with torch.inference_mode():
                 logits = self.net({k: torch.as_tensor(v)[None] for k, v in obs.items()})[0][0].numpy()
         tier, ki, bi = (int(part.argmax()) for part in np.split(logits, [N_TIER, N_TIER + N_TOP_K]))
+        if self.guard is not None:  # repaired if it does not fit
+            tier, ki, bi = config_knobs(self.guard.repaired(config_index(tier, ki, bi), obs["headroom"]))
         return tier, ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
@@ -322,7 +331,7 @@ def two_stage_overhead_ms(server: TwoStageServer, samples: list, budgets_ms: lis
                     runs[with_token] = time.perf_counter() - t0
                     if with_token:
                         t1 = time.perf_counter()
-                        server.choose_knobs(state.side_state, room)
+                        server.choose_knobs(state.side_state, room, tier)
                         t_net += time.perf_counter() - t1
                 own.append(t_net * 1e3)
                 extra.append((runs[True] - runs[False]) * 1e3)

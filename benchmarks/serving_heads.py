@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                 state = vlm.prefix(prepared, token, sees)
             t2 = time.perf_counter()
             if path == "numpy":
-                server.choose_knobs(state.side_state, room)
+                server.choose_knobs(state.side_state, room, tier)
             else:
                 torch_heads(net, state.side_state, room)
             times[f"{path}_stage1_ms"].append((t1 - t0) * 1e3)

@@ -17,7 +17,8 @@ reward = score - penalty(latency, budget), latency including controller overhead
 With a `BudgetGuard` (`envs/guard.py`), a request whose headroom is negative for every config is
 served by the guard's fallback config, for the guard's time instead of the controller's, and the
 episode ends at its first step whatever the action; `skip_guarded` leaves such requests out (for
-training: the policy never decides them).
+training: the policy never decides them). The guard also repairs a chosen config that does not fit
+where another one the policy could still serve does (two-stage: of the chosen tier), `info["repaired"]`.
 """
 
 from __future__ import annotations
@@ -162,11 +163,15 @@ class _KnobEnv(gym.Env):
         """Controller time added to each of the 75 configs' latency (oracle labels use it too)."""
         return np.full(N_CONFIGS, self.controller_ms)
 
-    def _finish(self, cfg: int):
-        """Score the request served with config `cfg`, or with the guard's fallback if it serves it."""
+    def _finish(self, cfg: int, first: int = 0, last: int = N_CONFIGS):
+        """Score the request served with the controller's config `cfg` (repaired by the guard if it does
+        not fit and one of the configs `first`..`last - 1` does), or with the guard's fallback if it
+        serves the request."""
+        chosen = cfg
         if self.guarded:
             cfg, added = self.guard.pick(self._predicted, self._budget), self.guard.ms
         else:
+            cfg = cfg if self.guard is None else self.guard.repaired(cfg, self._room[first:last], first)
             added = float(self.added_latency()[cfg])
         score, parts = self.backend.outcome(self._sample, cfg)
         parts = dict(parts)
@@ -179,7 +184,8 @@ class _KnobEnv(gym.Env):
         reward = score - self.penalty(latency, self._budget)
         info = {"score": score, "latency_ms": latency, "latency_parts": parts, "budget_ms": self._budget,
                 "violation": latency > self._budget, "config": config, "config_index": cfg,
-                "controller_ms": parts["controller"], "sample": self._sample, "guarded": self.guarded}  # fmt: skip
+                "controller_ms": parts["controller"], "sample": self._sample, "guarded": self.guarded,
+                "repaired": not self.guarded and cfg != chosen}  # fmt: skip
         return reward, info
 
 
@@ -241,7 +247,9 @@ class TwoStageKnobEnv(_KnobEnv):
             self._stage2 = self.backend.stage2(self._sample, self._tier)
             self._stage = 1
             return self._obs(), 0.0, False, False, {"tier": TIERS[self._tier]}
-        reward, info = self._finish(config_index(self._tier, int(action[1]), int(action[2])))
+        first = self._tier * N_TOP_K * N_BLOCKS  # the tier's crops are encoded: repair stays within it
+        cfg = config_index(self._tier, int(action[1]), int(action[2]))
+        reward, info = self._finish(cfg, first, first + N_TOP_K * N_BLOCKS)
         return self._obs(), reward, True, False, info
 
 

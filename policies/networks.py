@@ -199,11 +199,12 @@ def register_serving_buffers(net: nn.Module) -> None:
     """What a server needs to act as the environment did, saved with the policy: `added_ms`, the
     controller time the environment added to each config's latency (a server adds it to its
     predictions, so headroom means what it meant in training), and the budget guard's expected
-    scores, time (-1: no guard) and penalty (kind index in `PENALTY_KINDS`, weight)."""
+    scores, time (-1: no guard), penalty (kind index in `PENALTY_KINDS`, weight) and repair (1: on)."""
     net.register_buffer("added_ms", torch.zeros(N_CONFIGS))
     net.register_buffer("guard_scores", torch.zeros(N_CONFIGS))
     net.register_buffer("guard_ms", torch.tensor(-1.0))
     net.register_buffer("guard_penalty", torch.tensor([0.0, 1.0]))
+    net.register_buffer("guard_repair", torch.tensor(0.0))
 
 
 def set_guard(net: nn.Module, guard: BudgetGuard | None) -> None:
@@ -211,6 +212,7 @@ def set_guard(net: nn.Module, guard: BudgetGuard | None) -> None:
     net.guard_ms.fill_(guard.ms if guard else -1.0)
     penalty = guard.penalty if guard else Penalty()
     net.guard_penalty.copy_(torch.tensor([PENALTY_KINDS.index(penalty.kind), penalty.weight]))
+    net.guard_repair.fill_(float(bool(guard and guard.repair)))
 
 
 def guard_of(net: nn.Module) -> BudgetGuard | None:
@@ -219,7 +221,8 @@ def guard_of(net: nn.Module) -> BudgetGuard | None:
     if ms < 0:
         return None
     kind, weight = net.guard_penalty.tolist()
-    return BudgetGuard(net.guard_scores.double().numpy(), ms, Penalty(PENALTY_KINDS[int(kind)], weight))
+    penalty = Penalty(PENALTY_KINDS[int(kind)], weight)
+    return BudgetGuard(net.guard_scores.double().numpy(), ms, penalty, bool(net.guard_repair > 0))
 
 
 class TwoStageNet(nn.Module):

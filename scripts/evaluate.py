@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         controller_ms = controller["charged_ms"]
         penalty = Penalty(args.penalty, args.penalty_weight)
         guard = guard_of(model.policy.mlp_extractor.net)  # its expected scores; time and penalty of this run
-        guard = guard and BudgetGuard(guard.scores, controller["guard_charged_ms"], penalty)
+        guard = guard and BudgetGuard(guard.scores, controller["guard_charged_ms"], penalty, guard.repair)
         policies = {"policy": model}
         if (args.policy.parent / "policy_bc.zip").is_file():
             policies["bc_only"] = load_policy(args.policy.parent / "policy_bc.zip")[0]
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"policy": kind, "variant": getattr(model.policy, "stage1", getattr(model.policy, "fusion", "")),
             "policy_file": str(args.policy), "seed": args.seed, "n": args.n, "controller_ms": controller_ms,
             "controller": controller, "guard_ms": guard.ms if guard else None,
-            "full_config_ms": assets.full_ms, "minutes": 0.0, "peak_memory_mb": 0.0}  # fmt: skip
+            "repair": bool(guard and guard.repair), "full_config_ms": assets.full_ms, "minutes": 0.0,
+            "peak_memory_mb": 0.0}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(meta, results))

@@ -22,6 +22,48 @@ def test_guard_fires_only_when_nothing_fits_and_picks_the_best_expected_reward()
     assert relative.pick(predicted, 1.2) == 2  # 0.5 - 0.42 beats 0.1 - 0.25, 0.9 - 1.92 and 0.7 - 1.08
 
 
+def test_repair_serves_the_best_expected_config_that_fits_where_the_chosen_one_does_not():
+    guard = BudgetGuard(np.array([0.1, 0.9, 0.5, 0.7, 0.3]), ms=0.5)
+    headroom = np.array([0.2, -0.1, 0.0, -0.3, 0.5])
+    assert guard.repaired(0, headroom) == 0 and guard.repaired(2, headroom) == 2  # they fit: unchanged
+    assert guard.repaired(1, headroom) == 2  # 0, 2 and 4 fit: the best of 0.1, 0.5 and 0.3
+    assert guard.repaired(3, headroom[3:], first=3) == 4  # only configs 3.. may be served: 4
+    assert guard.repaired(1, headroom[:2]) == 0
+    assert guard.repaired(1, np.full(5, -1.0)) == 1  # nothing fits: the controller's choice stands
+    assert BudgetGuard(guard.scores, ms=0.5, repair=False).repaired(1, headroom) == 1
+
+
+@pytest.mark.parametrize("cls", [TwoStageKnobEnv, SingleStageKnobEnv])
+def test_envs_repair_a_config_that_does_not_fit_within_what_the_policy_can_still_serve(world, cls):
+    _, table, _, _ = world
+    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.05)  # the most expensive configs score best
+    env, _ = _envs(world, cls, controller_ms=2.0, guard=guard)
+    plain, _ = _envs(world, cls, controller_ms=2.0, guard=BudgetGuard(guard.scores, ms=0.05, repair=False))
+    # the dearest config of a tier; two-stage may only repair within it (low: 0..24), single-stage anywhere
+    action, allowed = ([0, 4, 4], slice(0, 25)) if cls is TwoStageKnobEnv else ([2, 4, 4], slice(0, N_CONFIGS))
+    repaired = 0
+    for seed in range(80):
+        obs, info = env.reset(seed=seed)
+        plain.reset(seed=seed)
+        room, chosen = obs["headroom"][allowed], allowed.stop - 1
+        done = plain_done = False
+        while not done:
+            obs, reward, done, _, out = env.step(np.array(action))
+        while not plain_done:
+            _, plain_reward, plain_done, _, plain_out = plain.step(np.array(action))
+        assert plain_out["guarded"] or plain_out["config_index"] == chosen
+        if out["guarded"] or room[-1] >= 0 or room.max() < 0:  # served as without repair
+            assert not out["repaired"] and out["config_index"] == plain_out["config_index"] and reward == plain_reward
+            continue
+        repaired += 1
+        expect = int(np.flatnonzero(room >= 0).max())  # the best expected score that fits
+        row = env.backend.valid[env._sample]
+        assert out["repaired"] and out["config_index"] == expect  # predicted to fit (decode length may differ)
+        assert out["latency_ms"] == pytest.approx(table.latency[row, expect] + env.added_latency()[expect])
+        assert reward == pytest.approx(table.score[row, expect] - float(out["violation"]))
+    assert 0 < repaired < 80
+
+
 def test_guard_scores_are_the_tables_mean_scores(world):
     _, table, _, _ = world
     guard = BudgetGuard.from_table(table, 0.02)
@@ -42,7 +84,7 @@ def test_bad_guards_are_refused(scores, ms, match):
 @pytest.mark.parametrize("cls", [TwoStageKnobEnv, SingleStageKnobEnv])
 def test_guarded_requests_get_the_fallback_for_the_guards_time_and_others_are_unchanged(world, cls):
     _, table, _, _ = world
-    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.05)  # the most expensive configs score best
+    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.05, repair=False)  # expensive configs score best
     env, _ = _envs(world, cls, controller_ms=8.0, guard=guard)
     plain, _ = _envs(world, cls, controller_ms=8.0)
     guarded = 0

@@ -137,10 +137,12 @@ def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_p
 
     guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.01, penalty=Penalty("relative", 2.0))
     if kind == "two_stage":
-        _, env = _envs(world, controller_ms=8.0, guard=guard)
+        _, env = _envs(world, controller_ms=2.0, guard=guard)
         model, cls = _policy(env, vlm_dir, "budget"), TwoStageServer
+        with torch.no_grad():  # the low tier, where some configs fit these budgets: repairs happen within it
+            model.policy.mlp_extractor.net.stage1.pi[-1].bias[0] += 100.0
     else:
-        _, env = _envs(world, SingleStageKnobEnv, controller_ms=8.0, global_ms=1.0, guard=guard)
+        _, env = _envs(world, SingleStageKnobEnv, controller_ms=2.0, global_ms=1.0, guard=guard)
         model = MaskablePPO(SingleStagePolicy, env, n_steps=16, seed=0, policy_kwargs={"vlm": vlm_dir})
         cls = SingleStageServer
     net = model.policy.mlp_extractor.net
@@ -150,9 +152,9 @@ def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_p
     model.save(tmp_path / "p.zip")
     loaded = guard_of(MaskablePPO.load(tmp_path / "p.zip").policy.mlp_extractor.net)
     np.testing.assert_allclose(loaded.scores, guard.scores)
-    assert loaded.ms == pytest.approx(0.01) and loaded.penalty == guard.penalty
+    assert loaded.ms == pytest.approx(0.01) and loaded.penalty == guard.penalty and loaded.repair
     server = cls(net, tiny, env.full_ms, env.backend.latency_model)
-    guarded = 0
+    guarded = repaired = 0
     for seed in range(16):
         obs, info = env.reset(seed=seed)
         done = False
@@ -161,12 +163,15 @@ def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_p
         s = samples[info["sample"]]
         served = server.serve(s.image, s.question, info["budget_ms"])
         assert served.config == out["config"]
+        repaired += out["repaired"]
         if out["guarded"]:
             guarded += 1
             c = served.config
             assert served.answer == tiny.answer([s.image], [s.question], c.tier, c.top_k, c.blocks).answers[0]
             assert "controller" in served.parts_ms and served.parts_ms["vision"] > 0
-    assert 0 < guarded < 16
+    assert 0 < guarded < 16 and repaired > 0
+    set_guard(net, BudgetGuard(guard.scores, ms=0.01, repair=False))
+    assert not guard_of(net).repair
     got = (two_stage_overhead_ms if kind == "two_stage" else single_stage_overhead_ms)(
         server, samples[:2], [5.0, 30.0], repeats=2
     )
