@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import statistics
 import time
@@ -58,6 +59,7 @@ class Args:
     ppo_steps: int = 65536
     select_every: int = 8192  # PPO steps between validation checks (0: keep the last parameters)
     select_episodes: int = 2000  # validation episodes per budget distribution and check
+    select_min_gain_se: float = 2.0  # a check replaces the BC start only with a gain this many paired SEs
     n_envs: int = 8
     eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
@@ -73,6 +75,8 @@ class Args:
             raise ValueError(f"unknown {self.policy} variant {self.variant!r}; choose one of {VARIANTS[self.policy]}")
         if self.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {self.oracle!r}; choose one of {ORACLES}")
+        if not (math.isfinite(self.select_min_gain_se) and self.select_min_gain_se >= 0):
+            raise ValueError(f"select_min_gain_se must be a finite number >= 0, got {self.select_min_gain_se}")
         if not 0.0 <= self.oracle_shrink <= 1.0:
             raise ValueError(f"oracle shrink must lie in [0, 1], got {self.oracle_shrink}")
         if self.encoder not in ("vlm", "light"):
@@ -190,22 +194,30 @@ def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets,
 
 class KeepBestOnValidation(BaseCallback):
     """Scores the policy on held-out requests every `every` steps and restores the best parameters at
-    the end: PPO's last update is not always its best. `score(model)` gives the mean reward per
-    budget distribution on fixed episodes; a check is a candidate only if it is not below the
-    behaviour-cloned start (the first check, always a candidate) on any distribution, and the
-    candidate with the best mean is kept: fine-tuning cannot end below its start on validation."""
+    the end: PPO's last update is not always its best. `score(model)` gives the rewards per budget
+    distribution on fixed episodes, [distributions, episodes] (or their means, [distributions]). A
+    check is a candidate only if it is not below the behaviour-cloned start (the first check, always
+    a candidate) on any distribution and, given episodes, its mean gain over the start, paired
+    episode by episode, is at least `min_gain_se` standard errors: a gain within validation noise
+    does not replace the start. The candidate with the best mean is kept: fine-tuning cannot end
+    below its start on validation, nor away from it by chance."""
 
-    def __init__(self, score, every: int):
+    def __init__(self, score, every: int, min_gain_se: float = 2.0):
         super().__init__()
-        self.score, self.every, self.last = score, every, 0
+        self.score, self.every, self.min_gain_se, self.last = score, every, min_gain_se, 0
         self.history: list[tuple[int, float, bool]] = []  # (step, mean reward, candidate)
         self.start: np.ndarray | None = None
         self.best, self.best_step, self.best_state = -np.inf, 0, None
 
     def _check(self) -> None:
-        rewards = np.atleast_1d(np.asarray(self.score(self.model), dtype=np.float64))
+        rewards = np.asarray(self.score(self.model), dtype=np.float64)
+        rewards = rewards.reshape(-1, 1) if rewards.ndim < 2 else rewards  # [distributions, episodes]
         self.start = rewards if self.start is None else self.start
-        reward, candidate = float(rewards.mean()), bool((rewards >= self.start).all())
+        gain = (rewards - self.start).ravel()
+        se = gain.std(ddof=1) / np.sqrt(gain.size) if rewards.shape[1] > 1 else 0.0
+        means = rewards.mean(axis=1)
+        reward = float(means.mean())
+        candidate = bool((means >= self.start.mean(axis=1)).all() and gain.mean() >= self.min_gain_se * se)
         self.history.append((self.num_timesteps, reward, candidate))
         self.logger.record("val/mean_reward", reward)
         if candidate and reward > self.best:
@@ -278,8 +290,9 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
 
 def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float, guard=None,
                        n_envs: int = 50):  # fmt: skip
-    """Mean reward on the validation split per evaluation budget distribution (the same episodes every
-    call), [distributions]. Episodes run `n_envs` at a time, so the policy decides in batches."""
+    """Rewards on the validation split per evaluation budget distribution, the same episodes in the
+    same order every call, [distributions, episodes]. Episodes run `n_envs` at a time, so the policy
+    decides in batches."""
     penalty = Penalty(args.penalty, args.penalty_weight)
     rewards = []
     for spec in args.eval_budgets.split(","):
@@ -288,7 +301,7 @@ def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controlle
                           * n_envs)  # fmt: skip
         vec.seed(20_000)
         episodes, _ = evaluate_policy(model, vec, args.select_episodes, return_episode_rewards=True, warn=False)
-        rewards.append(float(np.mean(episodes)))
+        rewards.append(episodes)
     return np.array(rewards)
 
 
@@ -343,7 +356,7 @@ def run(args: Args) -> Path:
     callbacks, keep = [EpisodeLogger(), CheckpointCallback(every, str(args.out / "checkpoints"), "ppo")], None
     if assets.val is not None and args.select_every > 0:
         keep = KeepBestOnValidation(lambda m: validation_rewards(assets, args, m, controller_ms, guard),
-                                    args.select_every)  # fmt: skip
+                                    args.select_every, args.select_min_gain_se)  # fmt: skip
         callbacks.append(keep)
     model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
     if keep is not None:
@@ -360,6 +373,7 @@ def run(args: Args) -> Path:
             "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "bc_loss": history, "test_samples": len(assets.test),
-            "selection": None if keep is None else {"history": keep.history, "kept_step": keep.best_step}}  # fmt: skip
+            "selection": None if keep is None else {"history": keep.history, "kept_step": keep.best_step,
+                                                     "min_gain_se": keep.min_gain_se}}  # fmt: skip
     write_report(args.out, meta, results)
     return args.out

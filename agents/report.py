@@ -25,8 +25,9 @@ def markdown(meta: dict, results: dict) -> str:
     if sel:
         checks = ", ".join(f"{step}: {r:.3f}{'' if ok else '*'}" for step, r, ok in sel["history"])
         lines[2:2] = [f"PPO parameters kept from step {sel['kept_step']} (mean validation reward at each check, "
-                      f"step: reward; step 0 is the behaviour-cloned start; * below the start on some "
-                      f"budget distribution, not a candidate): {checks}", ""]  # fmt: skip
+                      f"step: reward; step 0 is the behaviour-cloned start; * not a candidate: below the start "
+                      f"on some budget distribution, or a gain within {sel.get('min_gain_se', 0):g} paired "
+                      f"standard errors): {checks}", ""]  # fmt: skip
     c = meta.get("controller", {})
     if "profile_ms" in c:
         token = (f" + budget token's share of the layers 0-2 pass {c['budget_token_prefill_ms']:.3f} ms"

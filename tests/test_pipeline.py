@@ -218,3 +218,27 @@ def test_keep_best_on_validation_refuses_checks_below_the_start_on_any_distribut
     model.learn(64, callback=keep)
     assert [c for *_, c in keep.history] == [True, False, True, True, False]
     assert keep.best_step == 32 and keep.best == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("gain,replaces", [(0.002, False), (0.05, True)])
+def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired_noise(world, vlm_dir, gain, replaces):
+    """Per-episode rewards: a check better on every distribution replaces the start only with a gain of at least
+    two paired standard errors (here about 0.021: episodes differ by +-0.3)."""
+    from sb3_contrib import MaskablePPO
+
+    from agents.pipeline import KeepBestOnValidation
+    from envs.knob_env import SingleStageKnobEnv
+    from policies.sb3 import SingleStagePolicy
+
+    env, _ = _envs(world, SingleStageKnobEnv)
+    model = MaskablePPO(SingleStagePolicy, env, n_steps=16, batch_size=8, n_epochs=2, learning_rate=1e-2, seed=0,
+                        policy_kwargs={"vlm": vlm_dir})  # fmt: skip
+    rng = np.random.default_rng(0)
+    start = rng.random((2, 400))
+    noise = np.where(np.arange(400) % 2 == 0, 0.3, -0.3)  # zero mean on each distribution
+    checks = iter([start, start + noise + gain, start - 0.01])
+    keep = KeepBestOnValidation(lambda m: next(checks), every=16)
+    model.learn(32, callback=keep)
+    assert [c for *_, c in keep.history] == [True, replaces, False]
+    assert keep.best_step == (16 if replaces else 0)
+    assert keep.best == pytest.approx(start.mean() + (gain if replaces else 0.0))
