@@ -195,12 +195,13 @@ def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets,
 class KeepBestOnValidation(BaseCallback):
     """Scores the policy on held-out requests every `every` steps and restores the best parameters at
     the end: PPO's last update is not always its best. `score(model)` gives the rewards per budget
-    distribution on fixed episodes, [distributions, episodes] (or their means, [distributions]). A
-    check is a candidate only if it is not below the behaviour-cloned start (the first check, always
-    a candidate) on any distribution and, given episodes, its mean gain over the start, paired
-    episode by episode, is at least `min_gain_se` standard errors: a gain within validation noise
-    does not replace the start. The candidate with the best mean is kept: fine-tuning cannot end
-    below its start on validation, nor away from it by chance."""
+    distribution on fixed episodes, [distributions, episodes] (or their means, [distributions]),
+    optionally with each episode's request, `(rewards, requests)`. A check is a candidate only if it
+    is not below the behaviour-cloned start (the first check, always a candidate) on any distribution
+    and, given episodes, its mean gain over the start, paired episode by episode, is at least
+    `min_gain_se` standard errors (clustered by request where given: episodes of one request are not
+    independent). A gain within validation noise does not replace the start. The candidate with the
+    best mean is kept: fine-tuning cannot end below its start on validation, nor away from it by chance."""
 
     def __init__(self, score, every: int, min_gain_se: float = 2.0):
         super().__init__()
@@ -209,12 +210,23 @@ class KeepBestOnValidation(BaseCallback):
         self.start: np.ndarray | None = None
         self.best, self.best_step, self.best_state = -np.inf, 0, None
 
+    @staticmethod
+    def gain_se(gain: np.ndarray, clusters: np.ndarray) -> float:
+        """Standard error of the mean of `gain`, clustered (sums of residuals per cluster)."""
+        _, index = np.unique(clusters, return_inverse=True)
+        sums = np.bincount(index, weights=gain - gain.mean())
+        n = len(sums)
+        return float(np.sqrt(n / (n - 1) * (sums**2).sum()) / gain.size) if n > 1 else 0.0
+
     def _check(self) -> None:
-        rewards = np.asarray(self.score(self.model), dtype=np.float64)
+        out = self.score(self.model)
+        rewards, requests = out if isinstance(out, tuple) else (out, None)
+        rewards = np.asarray(rewards, dtype=np.float64)
         rewards = rewards.reshape(-1, 1) if rewards.ndim < 2 else rewards  # [distributions, episodes]
         self.start = rewards if self.start is None else self.start
         gain = (rewards - self.start).ravel()
-        se = gain.std(ddof=1) / np.sqrt(gain.size) if rewards.shape[1] > 1 else 0.0
+        clusters = np.arange(gain.size) if requests is None else np.asarray(requests).ravel()
+        se = self.gain_se(gain, clusters) if rewards.shape[1] > 1 else 0.0
         means = rewards.mean(axis=1)
         reward = float(means.mean())
         candidate = bool((means >= self.start.mean(axis=1)).all() and gain.mean() >= self.min_gain_se * se)
@@ -291,18 +303,26 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
 def validation_rewards(assets: Assets, args: Args, model: MaskablePPO, controller_ms: float, guard=None,
                        n_envs: int = 50):  # fmt: skip
     """Rewards on the validation split per evaluation budget distribution, the same episodes in the
-    same order every call, [distributions, episodes]. Episodes run `n_envs` at a time, so the policy
-    decides in batches."""
+    same order every call, [distributions, episodes], and each episode's request (its sample index).
+    Episodes run `n_envs` at a time, so the policy decides in batches."""
     penalty = Penalty(args.penalty, args.penalty_weight)
-    rewards = []
+    rewards, requests = [], []
     for spec in args.eval_budgets.split(","):
         dist = parse_distribution(spec)
         vec = DummyVecEnv([lambda d=dist: assets.env(args.policy, assets.val, d, penalty, controller_ms, guard)]
                           * n_envs)  # fmt: skip
         vec.seed(20_000)
-        episodes, _ = evaluate_policy(model, vec, args.select_episodes, return_episode_rewards=True, warn=False)
+        samples = []  # the callback sees each finished episode just before its reward is recorded
+
+        def note(local, _, samples=samples):
+            if local["done"]:
+                samples.append(local["info"]["sample"])
+
+        episodes, _ = evaluate_policy(model, vec, args.select_episodes, return_episode_rewards=True, warn=False,
+                                      callback=note)  # fmt: skip
         rewards.append(episodes)
-    return np.array(rewards)
+        requests.append(samples)
+    return np.array(rewards), np.array(requests)
 
 
 def run(args: Args) -> Path:

@@ -220,10 +220,15 @@ def test_keep_best_on_validation_refuses_checks_below_the_start_on_any_distribut
     assert keep.best_step == 32 and keep.best == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("gain,replaces", [(0.002, False), (0.05, True)])
-def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired_noise(world, vlm_dir, gain, replaces):
+@pytest.mark.parametrize(
+    "gain,per_request,replaces", [(0.002, 1, False), (0.05, 1, True), (0.05, 10, False), (0.1, 10, True)]
+)
+def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired_noise(
+    world, vlm_dir, gain, per_request, replaces
+):
     """Per-episode rewards: a check better on every distribution replaces the start only with a gain of at least
-    two paired standard errors (here about 0.021: episodes differ by +-0.3)."""
+    two paired standard errors. Episodes differ by +-0.3: about 0.021 for 800 independent episodes, about 0.068
+    when they come 10 at a time from 80 requests that share the sign of their difference."""
     from sb3_contrib import MaskablePPO
 
     from agents.pipeline import KeepBestOnValidation
@@ -233,12 +238,24 @@ def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired
     env, _ = _envs(world, SingleStageKnobEnv)
     model = MaskablePPO(SingleStagePolicy, env, n_steps=16, batch_size=8, n_epochs=2, learning_rate=1e-2, seed=0,
                         policy_kwargs={"vlm": vlm_dir})  # fmt: skip
-    rng = np.random.default_rng(0)
-    start = rng.random((2, 400))
-    noise = np.where(np.arange(400) % 2 == 0, 0.3, -0.3)  # zero mean on each distribution
+    start = np.random.default_rng(0).random((2, 400))
+    requests = np.arange(800).reshape(2, 400) // per_request
+    noise = np.where(requests % 2 == 0, 0.3, -0.3)  # zero mean on each distribution
     checks = iter([start, start + noise + gain, start - 0.01])
-    keep = KeepBestOnValidation(lambda m: next(checks), every=16)
+    keep = KeepBestOnValidation(lambda m: (next(checks), requests), every=16)
     model.learn(32, callback=keep)
     assert [c for *_, c in keep.history] == [True, replaces, False]
     assert keep.best_step == (16 if replaces else 0)
     assert keep.best == pytest.approx(start.mean() + (gain if replaces else 0.0))
+
+
+def test_clustered_standard_error_is_the_plain_one_for_single_episodes_and_grows_with_shared_requests():
+    from agents.pipeline import KeepBestOnValidation
+
+    gain = np.random.default_rng(1).normal(size=1000)
+    plain = KeepBestOnValidation.gain_se(gain, np.arange(1000))
+    assert plain == pytest.approx(gain.std(ddof=1) / np.sqrt(1000))
+    shared = np.repeat(gain[:100], 10)  # 100 requests, 10 identical episodes each
+    assert KeepBestOnValidation.gain_se(shared, np.arange(1000) // 10) == pytest.approx(
+        gain[:100].std(ddof=1) / np.sqrt(100)
+    )
