@@ -205,6 +205,12 @@ def register_serving_buffers(net: nn.Module) -> None:
     net.register_buffer("guard_ms", torch.tensor(-1.0))
     net.register_buffer("guard_penalty", torch.tensor([0.0, 1.0]))
     net.register_buffer("guard_repair", torch.tensor(0.0))
+    net.register_load_state_dict_pre_hook(_saved_before_repair)
+
+
+def _saved_before_repair(module, state_dict, prefix, *_):
+    """Policies saved before the guard could repair load with repair off, as they were trained."""
+    state_dict.setdefault(prefix + "guard_repair", torch.tensor(0.0))
 
 
 def set_guard(net: nn.Module, guard: BudgetGuard | None) -> None:

@@ -138,3 +138,21 @@ def test_reachable_budgets_count_the_guards_time_not_the_controllers(world):
         assert feasible(plain, with_controller=True) == (cheapest + 8.0 <= env._budget)
         differ += feasible(env, with_controller=True) != feasible(plain, with_controller=True)
     assert differ > 0
+
+
+def test_policies_saved_before_repair_existed_load_with_repair_off(tiny):
+    import torch
+
+    from policies.networks import SingleStageNet, guard_of, set_guard
+
+    net = SingleStageNet(tiny, "mlp")
+    set_guard(net, BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.1))
+    state = net.state_dict()
+    assert float(state["guard_repair"]) == 1.0
+    del state["guard_repair"]  # as saved before repair existed
+    old = SingleStageNet(tiny, "mlp")
+    old.load_state_dict(state)  # strict: the missing buffer is supplied
+    loaded = guard_of(old)
+    assert loaded is not None and not loaded.repair and loaded.ms == pytest.approx(0.1)
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        old.load_state_dict({**net.state_dict(), "stray": torch.zeros(1)})
