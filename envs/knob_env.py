@@ -50,6 +50,11 @@ def config_knobs(cfg: int) -> tuple[int, int, int]:
     return tier, rest // N_BLOCKS, rest % N_BLOCKS
 
 
+def tier_configs(tier: int) -> slice:
+    """The config indices of one tier (`config_index(tier, ., .)`)."""
+    return slice(config_index(tier, 0, 0), config_index(tier + 1, 0, 0))
+
+
 class ReplayBackend:
     """Outcomes and features recorded beforehand: an episode costs a few array lookups."""
 
@@ -163,15 +168,15 @@ class _KnobEnv(gym.Env):
         """Controller time added to each of the 75 configs' latency (oracle labels use it too)."""
         return np.full(N_CONFIGS, self.controller_ms)
 
-    def _finish(self, cfg: int, first: int = 0, last: int = N_CONFIGS):
+    def _finish(self, cfg: int, allowed: slice = slice(0, N_CONFIGS)):
         """Score the request served with the controller's config `cfg` (repaired by the guard if it does
-        not fit and one of the configs `first`..`last - 1` does), or with the guard's fallback if it
-        serves the request."""
+        not fit and one of the `allowed` configs does), or with the guard's fallback if it serves the
+        request."""
         chosen = cfg
         if self.guarded:
             cfg, added = self.guard.pick(self._predicted, self._budget), self.guard.ms
         else:
-            cfg = cfg if self.guard is None else self.guard.repaired(cfg, self._room[first:last], first)
+            cfg = cfg if self.guard is None else self.guard.repaired(cfg, self._room[allowed], allowed.start)
             added = float(self.added_latency()[cfg])
         score, parts = self.backend.outcome(self._sample, cfg)
         parts = dict(parts)
@@ -247,9 +252,8 @@ class TwoStageKnobEnv(_KnobEnv):
             self._stage2 = self.backend.stage2(self._sample, self._tier)
             self._stage = 1
             return self._obs(), 0.0, False, False, {"tier": TIERS[self._tier]}
-        first = self._tier * N_TOP_K * N_BLOCKS  # the tier's crops are encoded: repair stays within it
         cfg = config_index(self._tier, int(action[1]), int(action[2]))
-        reward, info = self._finish(cfg, first, first + N_TOP_K * N_BLOCKS)
+        reward, info = self._finish(cfg, tier_configs(self._tier))  # its crops are encoded: repair within it
         return self._obs(), reward, True, False, info
 
 
