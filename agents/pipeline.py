@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import resource
 import statistics
 import time
@@ -59,7 +58,7 @@ class Args:
     ppo_steps: int = 65536
     select_every: int = 8192  # PPO steps between validation checks (0: keep the last parameters)
     select_episodes: int = 2000  # validation episodes per budget distribution and check
-    select_min_gain_se: float = 2.0  # a check replaces the BC start only with a gain this many paired SEs
+    select_alpha: float = 0.05  # chance that some check without a real gain replaces the BC start
     n_envs: int = 8
     eval_episodes: int = 2000  # per budget distribution; the test split holds 2000 requests
     learning_rate: float = 1e-4
@@ -75,8 +74,8 @@ class Args:
             raise ValueError(f"unknown {self.policy} variant {self.variant!r}; choose one of {VARIANTS[self.policy]}")
         if self.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {self.oracle!r}; choose one of {ORACLES}")
-        if not (math.isfinite(self.select_min_gain_se) and self.select_min_gain_se >= 0):
-            raise ValueError(f"select_min_gain_se must be a finite number >= 0, got {self.select_min_gain_se}")
+        if not 0.0 < self.select_alpha < 1.0:
+            raise ValueError(f"select_alpha must lie in (0, 1), got {self.select_alpha}")
         if not 0.0 <= self.oracle_shrink <= 1.0:
             raise ValueError(f"oracle shrink must lie in [0, 1], got {self.oracle_shrink}")
         if self.encoder not in ("vlm", "light"):
@@ -190,6 +189,13 @@ def controller_cost(assets: Assets, model: MaskablePPO, kind: str, env, budgets,
     cost["charged_ms"] = cost.get("profile_ms", cost["decide_ms"])
     cost["guard_charged_ms"] = cost.get("guard_profile_ms", cost["guard_ms"])
     return cost
+
+
+def gain_threshold(alpha: float, checks: int) -> float:
+    """Paired standard errors a check's validation gain must reach so that, when no check truly gains,
+    the chance that any of `checks` replaces the start stays below `alpha` (one-sided, Bonferroni: the
+    checks are correlated, so this errs towards keeping the start)."""
+    return statistics.NormalDist().inv_cdf(1.0 - alpha / max(1, checks))
 
 
 class KeepBestOnValidation(BaseCallback):
@@ -375,8 +381,9 @@ def run(args: Args) -> Path:
     every = max(1, (args.select_every or args.ppo_steps) // args.n_envs)  # a callback step advances every env
     callbacks, keep = [EpisodeLogger(), CheckpointCallback(every, str(args.out / "checkpoints"), "ppo")], None
     if assets.val is not None and args.select_every > 0:
+        threshold = gain_threshold(args.select_alpha, args.ppo_steps // args.select_every)
         keep = KeepBestOnValidation(lambda m: validation_rewards(assets, args, m, controller_ms, guard),
-                                    args.select_every, args.select_min_gain_se)  # fmt: skip
+                                    args.select_every, threshold)  # fmt: skip
         callbacks.append(keep)
     model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
     if keep is not None:
@@ -394,6 +401,7 @@ def run(args: Args) -> Path:
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "bc_loss": history, "test_samples": len(assets.test),
             "selection": None if keep is None else {"history": keep.history, "kept_step": keep.best_step,
-                                                     "min_gain_se": keep.min_gain_se}}  # fmt: skip
+                                                     "min_gain_se": keep.min_gain_se, "alpha": args.select_alpha,
+                                                     "validation_requests": len(assets.val)}}  # fmt: skip
     write_report(args.out, meta, results)
     return args.out

@@ -16,6 +16,15 @@ def _names(block: dict) -> list[str]:
     return [n for n in ORDER if n in block] + sorted(n for n in block if n not in ORDER and not n.startswith("_"))
 
 
+def _alpha(sel: dict) -> str:
+    if "alpha" not in sel:  # runs before the threshold was corrected for the number of checks
+        return ""
+    return (
+        f", the threshold that keeps a no-gain replacement below {sel['alpha']:g} over the checks, on "
+        f"{sel['validation_requests']} validation requests"
+    )
+
+
 def markdown(meta: dict, results: dict) -> str:
     lines = [f"# {meta['policy']} ({meta['variant']})", "",
              f"controller overhead {meta['controller_ms']:.2f} ms; full-config latency "
@@ -26,8 +35,8 @@ def markdown(meta: dict, results: dict) -> str:
         checks = ", ".join(f"{step}: {r:.3f}{'' if ok else '*'}" for step, r, ok in sel["history"])
         lines[2:2] = [f"PPO parameters kept from step {sel['kept_step']} (mean validation reward at each check, "
                       f"step: reward; step 0 is the behaviour-cloned start; * not a candidate: below the start "
-                      f"on some budget distribution, or a gain within {sel.get('min_gain_se', 0):g} paired "
-                      f"standard errors): {checks}", ""]  # fmt: skip
+                      f"on some budget distribution, or a gain below {sel.get('min_gain_se', 0):.2f} paired "
+                      f"standard errors{_alpha(sel)}): {checks}", ""]  # fmt: skip
     c = meta.get("controller", {})
     if "profile_ms" in c:
         token = (f" + budget token's share of the layers 0-2 pass {c['budget_token_prefill_ms']:.3f} ms"

@@ -55,6 +55,7 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
     assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
     sel = report["meta"]["selection"]  # validation checks: the BC start, then every 512 steps (one rollout)
     assert [step for step, *_ in sel["history"]] == [0, 512] and sel["kept_step"] in (0, 512)
+    assert sel["validation_requests"] == 8 and sel["min_gain_se"] == pytest.approx(1.96, abs=1e-3)  # 2 checks
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())  # every select_every (128) steps
     assert saved == [f"ppo_{n}_steps.zip" for n in (128, 256, 384, 512)]
     c = report["meta"]["controller"]
@@ -247,6 +248,19 @@ def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired
     assert [c for *_, c in keep.history] == [True, replaces, False]
     assert keep.best_step == (16 if replaces else 0)
     assert keep.best == pytest.approx(start.mean() + (gain if replaces else 0.0))
+
+
+@pytest.mark.parametrize("alpha,checks,z", [(0.05, 1, 1.645), (0.05, 2, 1.960), (0.05, 8, 2.498), (0.01, 8, 3.023)])
+def test_gain_threshold_splits_alpha_over_the_checks(alpha, checks, z):
+    from agents.pipeline import gain_threshold
+
+    assert gain_threshold(alpha, checks) == pytest.approx(z, abs=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, float("nan")])
+def test_select_alpha_outside_the_open_unit_interval_is_refused(alpha):
+    with pytest.raises(ValueError, match="select_alpha"):
+        Args(select_alpha=alpha)
 
 
 def test_clustered_standard_error_is_the_plain_one_for_single_episodes_and_grows_with_shared_requests():
