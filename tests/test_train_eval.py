@@ -231,3 +231,27 @@ def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene
     with pytest.raises(SystemExit):
         answer_state.main(["--checkpoint", str(tmp_path / "other.pt")])
     assert "not a train_vlm.py checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_path, capsys):
+    from envs.vlm.train import PROBE_FILE, VisionProbe, load_probe
+
+    common = dict(batch_size=2, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
+    first = train(TrainArgs(out=tmp_path / "a", steps=1, **common))
+    saved = torch.load(first / PROBE_FILE, weights_only=True)
+    assert saved.keys() == torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["probe"].keys()
+    fresh = VisionProbe(96).state_dict()
+    probe = VisionProbe(96)
+    load_probe(probe, first)
+    assert all(torch.equal(probe.state_dict()[k], saved[k]) for k in saved)
+    assert not torch.equal(saved["cls.weight"], fresh["cls.weight"])
+    (first / PROBE_FILE).unlink()  # models saved before probe.pt: the run's checkpoint beside the model
+    probe = VisionProbe(96)
+    load_probe(probe, first)
+    assert all(torch.equal(probe.state_dict()[k], saved[k]) for k in saved)
+    train(TrainArgs(out=tmp_path / "b", steps=1, init=first, **common))
+    assert f"vision probe continued from {tmp_path / 'a' / 'checkpoint.pt'}" in capsys.readouterr().out
+    src = build_model("tiny", seed=3)
+    save_model(src, tmp_path / "src")
+    train(TrainArgs(out=tmp_path / "c", steps=1, init=tmp_path / "src", **common))
+    assert "starts afresh" in capsys.readouterr().out

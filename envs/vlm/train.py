@@ -100,6 +100,9 @@ def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs, step: int = 0) 
     return tier, top_k, list(range(FIRST_KNOBBED_LAYER)) + kept
 
 
+PROBE_FILE = "probe.pt"
+
+
 class VisionProbe(nn.Module):
     """Training-only heads reading each connector token: object class and colour (not shipped)."""
 
@@ -241,6 +244,19 @@ def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
     os.replace(tmp, path)
 
 
+def load_probe(probe: VisionProbe, init: Path) -> None:
+    """Continue the vision probe of the run that trained `init`: a fresh probe's loss (about 14 against
+    0.5 trained) sends large, random gradients into the vision encoder for the first hundred steps.
+    Looks for `init/probe.pt` (saved beside each run's model), then the run's `checkpoint.pt` beside `init`."""
+    for path, key in ((init / PROBE_FILE, None), (init.parent / "checkpoint.pt", "probe")):
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            probe.load_state_dict(state[key] if key else state)
+            print(f"vision probe continued from {path}")
+            return
+    print(f"no vision probe beside {init}: it starts afresh")
+
+
 def train(args: TrainArgs) -> Path:
     args.check()
     task_sample = family_mix(args.family_weights)
@@ -259,6 +275,8 @@ def train(args: TrainArgs) -> Path:
         model.load_state_dict(keep, strict=not args.reinit_vision)
     model = model.to(args.device).train()
     probe = VisionProbe(model.cfg.llm.d_model).to(args.device)
+    if args.init and not args.reinit_vision:
+        load_probe(probe, args.init)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
     opt = torch.optim.AdamW(
@@ -348,6 +366,7 @@ def train(args: TrainArgs) -> Path:
     model.ranking = compute_ranking(model, args.ranking, calib, tier="high")
     print(f"block ranking ({model.ranking.method}): {model.ranking.order}")
     out = save_model(model, args.out / "model", dtype=getattr(torch, args.ship_dtype))
+    torch.save(probe.state_dict(), out / PROBE_FILE)  # training-only: not shipped, read by a later --init
     if args.ship:
         save_model(model, args.ship, dtype=getattr(torch, args.ship_dtype))
     return out
