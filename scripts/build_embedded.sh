@@ -56,7 +56,7 @@ fi
 mkdir -p "$W/outcomes"
 # shards run as Ray tasks, one per core; an interrupted build resumes. Tables of other weights in
 # runs/outcomes are refused (they record a hash of the weights): move them away when the model changed.
-for spec in "test 2 2000" "rl_train 4 600" "val 1 200"; do
+for spec in "test 2 2000" "rl_train 4 600" "val 1 1000"; do
   set -- $spec
   python scripts/build_outcomes.py --model tiny --seed "$2" --n "$3" --executor ray --out "runs/outcomes/$1"
 done
