@@ -10,7 +10,7 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
   # (all on this 2-core CPU): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-9. see below. (The shipped run of stage 4
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-10. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
   # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
@@ -47,7 +47,12 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # the 1500-step schedule (the shipped run was interrupted at step 93 and resumed from its step-50 checkpoint).
   stage runs/tiny_vlm_mix9 --init runs/tiny_vlm_mix8/model --steps 1500 --stop-at 1000 --batch-size 16 --full-steps 0 \
     --p-full 0.5 --lr 4e-4 --warmup 30 --val-every 500 --val-n 150 --dense-aux-batch 4 --complement-pairs easy \
-    --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 --tier-weights 0.4 0.8 1.6 --seed 9 --ship "$W"
+    --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 --tier-weights 0.4 0.8 1.6 --seed 9
+  # 10. the same recipe at learning rate 3e-4, the first stage that continues the vision probe of the
+  # run before it (stages 3-9 each started it afresh: loss about 14, random gradients into the ViT).
+  stage runs/tiny_vlm_mix10 --init runs/tiny_vlm_mix9/model --steps 1000 --batch-size 16 --full-steps 0 \
+    --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 500 --val-n 150 --dense-aux-batch 4 --complement-pairs easy \
+    --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 --tier-weights 0.4 0.8 1.6 --seed 10 --ship "$W"
 fi
 # Latency depends on shapes, not weights: a profile timed on a quiet machine can be kept for retrained
 # weights (SKIP_PROFILE=1); a busy moment inflates every stage (stage 8 kept stage 7's 67.7 ms profile:

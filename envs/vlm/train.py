@@ -245,8 +245,8 @@ def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
 
 
 def load_probe(probe: VisionProbe, init: Path) -> None:
-    """Continue the vision probe of the run that trained `init`: a fresh probe's loss (about 14 against
-    0.5 trained) sends large, random gradients into the vision encoder for the first hundred steps.
+    """Continue the vision probe of the run that trained `init`: a fresh probe's loss (about 14, against
+    under 1 trained) sends large, random gradients into the vision encoder for the first hundred steps.
     Looks for `init/probe.pt` (saved beside each run's model), then the run's `checkpoint.pt` beside `init`."""
     for path, key in ((init / PROBE_FILE, None), (init.parent / "checkpoint.pt", "probe")):
         if path.is_file():
