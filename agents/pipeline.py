@@ -92,7 +92,8 @@ def assets_dir(model: str) -> Path:
 class Assets:
     """The VLM, its latency profile and outcome tables; replay backends over them."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, quick: bool = False):
+        """`quick`: the first 200 validation and 400 test requests (features for all 3,600 take minutes cold)."""
         root = assets_dir(model)
         for need in ("latency_cpu.json", "outcomes/train.npz", "outcomes/test.npz"):
             if not (root / need).is_file():
@@ -105,9 +106,10 @@ class Assets:
         self.full_ms = float(profile["reference_full_ms"])
         self.global_ms = sum(a + b for p, (a, b) in self.latency_model.per_crop.items())
         self.train = replay_backend(self.vlm, root / "outcomes/train.npz", self.latency_model)
-        self.test = replay_backend(self.vlm, root / "outcomes/test.npz", self.latency_model)
+        val_n, test_n = (200, 400) if quick else (None, None)
+        self.test = replay_backend(self.vlm, root / "outcomes/test.npz", self.latency_model, first=test_n)
         val = root / "outcomes/val.npz"  # checkpoint selection; optional for user-built assets
-        self.val = replay_backend(self.vlm, val, self.latency_model) if val.is_file() else None
+        self.val = replay_backend(self.vlm, val, self.latency_model, first=val_n) if val.is_file() else None
         self.reuse_low = True
         self.light_encoder_error = None
 
@@ -336,7 +338,7 @@ def run(args: Args) -> Path:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
-    assets = Assets(args.model)
+    assets = Assets(args.model, quick=args.quick)
     if args.policy == "single_stage" and args.encoder == "light":
         assets.use_light_encoder(args.seed)
     penalty = Penalty(args.penalty, args.penalty_weight)

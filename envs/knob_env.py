@@ -303,8 +303,10 @@ class SingleStageKnobEnv(_KnobEnv):
         return added
 
 
-def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=None) -> ReplayBackend:
-    """A replay backend over an outcome table; features are computed once and cached on disk."""
+def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=None,
+                   first: int | None = None) -> ReplayBackend:  # fmt: skip
+    """A replay backend over an outcome table (its `first` samples only, if given); features are computed
+    once and cached on disk."""
     import os
     from pathlib import Path
 
@@ -312,6 +314,7 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
     from envs.outcomes import dataset_samples
 
     table = OutcomeTable.load(table_path)
+    table = table if first is None else table.head(first)
     if table.configs != all_configs(model):
         raise ValueError(f"{table_path} was built for other knob values than model {model.cfg.name}")
     cache_dir = Path(cache_dir or os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))

@@ -45,12 +45,13 @@ def dataset_samples(spec: dict, start: int = 0, stop: int | None = None) -> list
     if spec["kind"] == "manifest":
         from envs.tasks.data import load_manifest
 
+        stop = spec.get("n") if stop is None else min(stop, spec.get("n", stop))
         return load_manifest(spec["path"])[start:stop]
     raise ValueError(f"unknown dataset kind {spec['kind']!r}")
 
 
 def dataset_size(spec: dict) -> int:
-    return spec["n"] if spec["kind"] == "synthvqa" else len(dataset_samples(spec))
+    return spec["n"] if "n" in spec else len(dataset_samples(spec))
 
 
 # ---------------------------------------------------------------------------------------------- one shard
@@ -286,6 +287,14 @@ class OutcomeTable:
         return OutcomeTable(self.configs, [self.sample_ids[i] for i in idx], [self.families[i] for i in idx],
                             self.ok[idx], self.score[idx], self.exact[idx], self.latency[idx], self.parts[idx],
                             self.meta)  # fmt: skip
+
+    def head(self, n: int) -> OutcomeTable:
+        """The first `n` samples, with a dataset spec that names exactly them (so caches keyed on it differ)."""
+        if n >= len(self.sample_ids):
+            return self
+        table = self.subset(np.arange(len(self.sample_ids)) < n)
+        table.meta = {**self.meta, "dataset": {**self.meta["dataset"], "n": n}}
+        return table
 
     def valid(self) -> OutcomeTable:
         return self.subset(self.ok)

@@ -273,3 +273,44 @@ def test_clustered_standard_error_is_the_plain_one_for_single_episodes_and_grows
     assert KeepBestOnValidation.gain_se(shared, np.arange(1000) // 10) == pytest.approx(
         gain[:100].std(ddof=1) / np.sqrt(100)
     )
+
+
+def test_a_backend_over_the_first_requests_replays_them_as_the_whole_table_does(assets, tiny, tmp_path):
+    """--quick reads the first validation and test requests only; their features and outcomes are the full
+    table's, cached under another key (the dataset spec names the subset)."""
+    from envs.knob_env import replay_backend
+    from envs.latency import LatencyModel
+
+    latency = LatencyModel.from_dict(fake_latency())
+    full = replay_backend(tiny, assets / "outcomes" / "test.npz", latency, cache_dir=tmp_path)
+    head = replay_backend(tiny, assets / "outcomes" / "test.npz", latency, cache_dir=tmp_path, first=5)
+    assert len(full) == 8 and len(head) == 5 and head.table.meta["dataset"]["n"] == 5
+    assert {k: v for k, v in head.table.meta["dataset"].items() if k != "n"} == {
+        k: v for k, v in full.table.meta["dataset"].items() if k != "n"
+    }
+    assert len(list(tmp_path.glob("features-*.npz"))) == 2
+    for i in range(5):
+        np.testing.assert_array_equal(head.prompt(i), full.prompt(i))
+        np.testing.assert_allclose(head.stage2(i, 2)[0], full.stage2(i, 2)[0], atol=1e-5)
+        assert head.outcome(i, 74) == full.outcome(i, 74)
+    assert (
+        replay_backend(tiny, assets / "outcomes" / "test.npz", latency, cache_dir=tmp_path, first=50).table.meta
+        == full.table.meta
+    )  # more than the table holds: the whole table
+
+
+def test_quick_assets_hold_the_first_200_validation_and_400_test_requests(assets, monkeypatch):
+    import agents.pipeline as pipeline
+
+    asked, real = {}, pipeline.replay_backend
+
+    def recording(model, path, latency, first=None):
+        asked[path.stem] = first
+        return real(model, path, latency, first=first)
+
+    monkeypatch.setattr(pipeline, "replay_backend", recording)
+    quick = pipeline.Assets(str(assets), quick=True)
+    assert asked == {"train": None, "val": 200, "test": 400} and len(quick.test) == 8  # the fixture holds 8
+    asked.clear()
+    pipeline.Assets(str(assets))
+    assert asked == {"train": None, "val": None, "test": None}
