@@ -28,7 +28,7 @@ import torch
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
 from envs.guard import BudgetGuard
-from envs.knob_env import N_BLOCKS, config_index, config_knobs
+from envs.knob_env import config_index, config_knobs, tier_configs
 from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
@@ -120,8 +120,9 @@ class TwoStageServer(_Server):
         ki, bi = self.heads.knobs(side_state[0].float().cpu().numpy(), room)
         if self.guard is None:
             return ki, bi
-        first, n = tier * N_TOP_K * N_BLOCKS, N_TOP_K * N_BLOCKS  # room: the tier's headroom, then its fits
-        _, ki, bi = config_knobs(self.guard.repaired(config_index(tier, ki, bi), room[:n], first))
+        allowed = tier_configs(tier)  # room: the tier's headroom, then its fits
+        headroom = room[: allowed.stop - allowed.start]
+        _, ki, bi = config_knobs(self.guard.repaired(config_index(tier, ki, bi), headroom, allowed.start))
         return ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
