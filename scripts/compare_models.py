@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
 from envs.tasks.synthvqa import SynthVQA
 from envs.vlm.checkpoint import load_model
+from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 
 CONFIGS = [Config("high", 8, 13), Config("high", 1, 11), Config("high", 8, 5), Config("medium", 8, 13),
@@ -26,13 +28,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", required=True, help="model directories or preset names")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.n <= 0:
+        ap.error("--n must be positive")
     samples = list(SynthVQA(args.seed, args.n))
     families = [s.family for s in samples]
     result = {"seed": args.seed, "n": args.n, "models": {}}
     for spec in args.models:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = load_model(spec)
+            try:
+                model = load_model(spec)
+            except CheckpointError as e:
+                sys.exit(f"error: {e}")
         _, em, _ = sweep(model, samples, CONFIGS, progress=False)
         result["models"][spec] = accuracy_table(families, CONFIGS, em)
         for row in result["models"][spec]:

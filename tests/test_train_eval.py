@@ -255,3 +255,17 @@ def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_
     save_model(src, tmp_path / "src")
     train(TrainArgs(out=tmp_path / "c", steps=1, init=tmp_path / "src", **common))
     assert "starts afresh" in capsys.readouterr().out
+
+
+def test_compare_models_reports_each_model_on_its_configs_and_refuses_a_missing_one(tmp_path):
+    from scripts.compare_models import CONFIGS
+    from scripts.compare_models import main as compare_main
+
+    out = tmp_path / "compare.json"
+    result = compare_main(["--seed", "9", "--n", "5", "--models", "tiny", "--out", str(out)])
+    assert json.loads(out.read_text()) == result and list(result["models"]) == ["tiny"]
+    rows = result["models"]["tiny"]
+    assert [(r["tier"], r["top_k"], r["blocks"]) for r in rows] == [(c.tier, c.top_k, c.blocks) for c in CONFIGS]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    with pytest.raises(SystemExit, match="model directory not found"):
+        compare_main(["--n", "5", "--models", str(tmp_path / "missing")])
