@@ -9,7 +9,7 @@ import torch
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
-from envs.vlm.train import AnswerNormPenalty, TrainArgs, family_mix, lr_at, sample_knobs, train
+from envs.vlm.train import AnswerNormPenalty, TrainArgs, VisionProbe, family_mix, lr_at, sample_knobs, train
 from scripts.eval_vlm import main as eval_main
 
 
@@ -106,6 +106,27 @@ def test_vision_warm_up_trains_vision_and_probe_only(tmp_path, scenes):
     assert not torch.equal(state["model"]["vit.embeddings.patch_embedding.weight"],
                            init["vit.embeddings.patch_embedding.weight"])  # fmt: skip
     assert not torch.equal(state["model"]["connector.projector.w2.weight"], init["connector.projector.w2.weight"])
+
+
+def test_probe_warmup_trains_a_fresh_probe_without_moving_the_vision_encoder(tmp_path):
+    common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
+    init = build_model("tiny", seed=0).state_dict()
+    fresh = VisionProbe(96).state_dict()  # train draws its probe right after the same model
+    train(TrainArgs(steps=1, vision_steps=1, probe_warmup=1, dense_aux_batch=2, **common))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for name in ("vit.embeddings.patch_embedding.weight", "connector.projector.w2.weight"):
+        assert torch.equal(state["model"][name], init[name])  # the probe's gradients stopped at the tokens
+    assert not torch.equal(state["probe"]["cls.weight"], fresh["cls.weight"])  # the probe itself learned
+
+
+def test_max_minutes_ends_the_run_early_and_still_ranks_and_saves(tmp_path, capsys):
+    common = dict(batch_size=2, val_every=1000, val_n=3, probe_n=2, ranking_n=3, ckpt_every=50)
+    out = train(TrainArgs(out=tmp_path / "run", steps=10, warmup=1, max_minutes=1e-9, **common))
+    assert (out / "model.safetensors").exists() and (out / "block_ranking.json").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert "stopped at step 1 of 10" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="max_minutes"):
+        train(TrainArgs(out=tmp_path / "bad", steps=2, max_minutes=-1))
 
 
 def test_dense_aux_batch_adds_dense_scenes_to_the_joint_vision_loss(tmp_path, monkeypatch):

@@ -47,6 +47,7 @@ class TrainArgs:
     preset: str = "tiny"
     steps: int = 3000
     stop_at: int = 0  # > 0: end (rank, save) after this many steps; the lr schedule still spans `steps`
+    max_minutes: float = 0.0  # > 0: end (checkpoint, rank, save) once training has run this long (a lent GPU's time)
     batch_size: int = 32
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -59,6 +60,7 @@ class TrainArgs:
     vision_steps: int = 0  # first steps train vision encoder + connector on the dense loss only
     warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
+    probe_warmup: int = 0  # the first steps train the probe on detached vision tokens (for a probe started afresh)
     complement_pairs: str = "none"  # none | hard | easy: see synthvqa.complement
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
@@ -81,6 +83,8 @@ class TrainArgs:
         """ValueError for choices `train` cannot run with (train_vlm.py turns it into a usage error)."""
         if self.complement_pairs not in COMPLEMENT_PAIRS:
             raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {self.complement_pairs!r}")
+        if self.max_minutes < 0 or self.probe_warmup < 0:
+            raise ValueError("max_minutes and probe_warmup must be >= 0")
         if not 0 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must lie in 0..steps ({self.steps}), got {self.stop_at}")
         if self.warmup_scenes not in WARMUP_SCENES:
@@ -311,12 +315,17 @@ def train(args: TrainArgs) -> Path:
         answers = None if warm_up else [s.answer for s in batch]
         pre = model.preprocess([s.image for s in batch], [s.question for s in batch], tier, answers)
         prepared = model.connect(pre, model.encode_vision(pre.pixels()))
-        aux = probe.loss(prepared.image_tokens, pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
+        # a fresh probe's loss is large and random: while it learns, its gradients stay out of the ViT
+        probe_only = (lambda t: t.detach()) if step < args.probe_warmup else (lambda t: t)
+        aux = (
+            probe.loss(probe_only(prepared.image_tokens), pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
+        )
         if not warm_up and args.dense_aux_batch > 0:
             # task scenes show one small letter per glyph question: without these the letter features fade
             first = DENSE_AUX_OFFSET + step * args.dense_aux_batch
             dense = [make_dense_sample(train_seed, first + i) for i in range(args.dense_aux_batch)]
-            aux = aux + probe.loss(*vision_tokens(model, dense, tier), dense)
+            tokens, crops = vision_tokens(model, dense, tier)
+            aux = aux + probe.loss(probe_only(tokens), crops, dense)
         if warm_up:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
@@ -358,6 +367,11 @@ def train(args: TrainArgs) -> Path:
                         writer.add_scalar(f"val_family/{tag}/{fam}", acc, step + 1)
                     tqdm.write(f"step {step + 1} {tag}: {row['accuracy']:.3f} {json.dumps(row['by_family'])}")
             model.train()
+        if args.max_minutes > 0 and time.time() - t0 > 60 * args.max_minutes:
+            save_checkpoint(ckpt, model, probe, opt, step + 1)
+            end = step + 1
+            tqdm.write(f"stopped at step {end} of {args.steps}: --max-minutes {args.max_minutes} reached")
+            break
     writer.add_scalar("train/minutes", (time.time() - t0) / 60, end)
     writer.close()
 
