@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 6's one prepared GPU run (about 4 minutes on an H100): the fast path checked against the
-# plain path and both timed on the molmoe-1b preset, then the project's profiler on both paths.
+# Issue 6's one prepared GPU run (about 2-3 minutes on an H100): the fast path checked against the
+# plain path and both timed on the molmoe-1b preset, the project's profiler on both paths, then
+# where the fast path's time goes (each phase's replay against its kernels).
 # Usage on the device machine: bash benchmarks/device_check.sh   (results land in $OUT or benchmarks/results)
 # Exits non-zero if either step failed, so a caller can skip what depends on it.
 set -uo pipefail
@@ -19,5 +20,8 @@ timeout 240 python3 scripts/profile_latency.py --preset molmoe-1b --device cuda 
   --repeats 3 --warmup 1 --mape-n 20 --out "$OUT/latency_molmoe1b_gpu.json" 2>&1 | tr '\r' '\n' | grep -v "^profile: " \
   | tee "$OUT/latency_molmoe1b_gpu.txt"
 profile=$?
-echo "device_check: fast_path exit $fast, profile exit $profile"
-exit $((fast || profile))
+timeout 120 python3 benchmarks/fast_path_kernels.py --preset molmoe-1b --device cuda \
+  --out "$OUT/fast_path_kernels_molmoe1b_gpu.json" 2>&1 | grep -v "^USDT\|profiler_st" | tee "$OUT/fast_path_kernels_molmoe1b_gpu.txt"
+kernels=$?
+echo "device_check: fast_path exit $fast, profile exit $profile, kernels exit $kernels"
+exit $((fast || profile || kernels))

@@ -1,5 +1,6 @@
 """The static-shape fast path (envs/vlm/fast.py) gives the plain path's answers, logits and counts."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -136,13 +137,40 @@ def test_profile_script_profiles_both_paths_in_one_run(tmp_path):
         profile_main([*args, "--fast", "--bucket", "0", "--out", str(out)])
 
 
-def test_device_benchmark_dry_run_on_cpu(tmp_path):
-    """benchmarks/fast_path.py is the GPU check; on CPU with the tiny preset it must run end to end."""
+@pytest.mark.parametrize("fast, runs_per_request", [(None, 1), ("eager", 1), ("graphs", 2)])
+def test_live_check_times_graph_replays_not_their_capture(model, monkeypatch, fast, runs_per_request):
+    """A request's first run on the graph path captures its graphs: the live check times a second run."""
+    import scripts.profile_latency as profile_latency
+    from envs.latency import timed_answer
+
+    calls = []
+    monkeypatch.setattr(profile_latency, "timed_answer", lambda *a, **k: calls.append(a[1:]) or timed_answer(*a, **k))
+    if fast is not None:
+        model.use_fast_path(32)
+        if fast == "graphs":  # a CPU stand-in: phases flagged for graphs, replayed eagerly
+            import envs.vlm.fast as fast_module
+
+            model.fast.graphs = True
+            monkeypatch.setattr(fast_module.Phase, "__call__", lambda phase: phase.fn())
+    profile = profile_latency.profile_path(model, argparse.Namespace(repeats=1, warmup=0, new_tokens=1, mape_n=0))
+    result = profile_latency.live_error(model, LatencyModel.from_dict(profile["model"]), n=3)
+    assert result["n"] == 3 and len(calls) == 3 * runs_per_request
+    assert all(calls[i] == calls[i + 1] for i in range(0, len(calls), runs_per_request) if runs_per_request == 2)
+
+
+def load_benchmark(name: str):
+    """benchmarks/ holds scripts, not a package: load one by path."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fast_path_bench", ROOT / "benchmarks" / "fast_path.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_benchmark_dry_run_on_cpu(tmp_path):
+    """benchmarks/fast_path.py is the GPU check; on CPU with the tiny preset it must run end to end."""
+    bench = load_benchmark("fast_path.py")
     out = tmp_path / "bench.json"
     assert bench.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--repeats", "1",
                        "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
@@ -152,3 +180,23 @@ def test_device_benchmark_dry_run_on_cpu(tmp_path):
         assert set(report["figures"][path]) == set(bench.TARGETS)
         assert report[path]["full_high"]["crops"] > report[path]["full_medium"]["crops"] > 1
     assert report["floors"]["decode_floor_ms"] > 0 and report["floors"]["prefill_floor_ms"] > 0
+
+
+def test_kernel_breakdown_dry_run_on_cpu(tmp_path):
+    """benchmarks/fast_path_kernels.py profiles each phase's kernels; on CPU its aten ops stand in."""
+    out = tmp_path / "kernels.json"
+    assert (
+        load_benchmark("fast_path_kernels.py").main(
+            ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert set(report["configs"]) == {"full_high", "min_low"}
+    for rows in report["configs"].values():
+        assert set(rows) >= {"prefix", "rest", "decode"}  # vision is a phase only under CUDA graphs
+        for phase in ("prefix", "rest", "decode"):
+            assert rows[phase]["replay_ms"] > 0 and rows[phase]["busy_ms"] > 0 and rows[phase]["kernels"] > 10
+            assert rows[phase]["top"] and all(t["calls"] >= 1 for t in rows[phase]["top"])
+    full, cheap = report["configs"]["full_high"], report["configs"]["min_low"]
+    assert full["prompt_tokens"] > cheap["prompt_tokens"] and full["decode"]["kernels"] > cheap["decode"]["kernels"]
