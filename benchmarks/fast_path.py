@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.latency import StageTimer, timed_prefix
+from envs.latency import StageTimer, full_tier_image, timed_prefix
 from envs.tasks.synthvqa import make_sample
 from envs.vlm.checkpoint import build_model
 from envs.vlm.fast import Phase
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model = build_model(args.preset, device=device, dtype=getattr(torch, args.dtype))
     print(f"built {args.preset} on {device} in {time.time() - t0:.0f} s", flush=True)
-    side = 896 * model.cfg.vision.crop_size // 336  # 1 / 5 / 13 crops at low / medium / high
-    image = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
+    image = full_tier_image(model.cfg.vision.crop_size)  # 1 / 5 / 13 views at low / medium / high
     question = "which letter is in the top left corner?"
     k_max, b_max = max(model.cfg.knobs.top_k), max(model.cfg.knobs.blocks)
     k_min, b_min = min(model.cfg.knobs.top_k), min(model.cfg.knobs.blocks)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from envs.latency import StageTimer, timed_prefix
+from envs.latency import StageTimer, full_tier_image, timed_prefix
 from envs.vlm.checkpoint import build_model
 
 QUESTION = "which letter is in the top left corner?"
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but torch sees no CUDA device")
     model = build_model(args.preset, device=device, dtype=getattr(torch, args.dtype))
-    side = 896 * model.cfg.vision.crop_size // 336
-    image = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
+    image = full_tier_image(model.cfg.vision.crop_size)  # 1 / 5 / 13 views at low / medium / high
     k_max, b_max = max(model.cfg.knobs.top_k), max(model.cfg.knobs.blocks)
     k_min, b_min = min(model.cfg.knobs.top_k), min(model.cfg.knobs.blocks)
     report: dict = {"preset": args.preset, "dtype": args.dtype, "torch": torch.__version__,
