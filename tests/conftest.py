@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,11 +13,21 @@ from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, save_model
 from envs.vlm.evaluate import all_configs
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
 def tiny():
     """A randomly initialised tiny model: the knob mechanics do not depend on training."""
     return build_model("tiny", seed=0)
+
+
+def load_benchmark(name: str):
+    """benchmarks/ holds scripts, not a package: load one by path."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:

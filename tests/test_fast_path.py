@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUESTIONS
+from conftest import QUESTIONS, load_benchmark
 
 from envs.latency import LatencyModel
 from envs.tasks.synthvqa import make_sample
@@ -156,16 +156,6 @@ def test_live_check_times_graph_replays_not_their_capture(model, monkeypatch, fa
     result = profile_latency.live_error(model, LatencyModel.from_dict(profile["model"]), n=3)
     assert result["n"] == 3 and len(calls) == 3 * runs_per_request
     assert all(calls[i] == calls[i + 1] for i in range(0, len(calls), runs_per_request) if runs_per_request == 2)
-
-
-def load_benchmark(name: str):
-    """benchmarks/ holds scripts, not a package: load one by path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "benchmarks" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_device_benchmark_dry_run_on_cpu(tmp_path):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from conftest import load_benchmark, random_image
 from PIL import Image
 
 from envs.vlm.crops import make_crops, select_tiling
@@ -159,3 +159,24 @@ def test_answer_cli_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "bad.png").write_text("nope")
     assert answer_main(["--model", "tiny", "--image", str(tmp_path / "bad.png"), "--question", "q"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_uint8_crops_give_the_float_paths_pixels_exactly(tmp_path):
+    """make_crops normalises uint8 views by table lookup: bit-identical to the float path it replaced
+    (benchmarks/preprocess.py holds that path; its run asserts equality on random sizes and every tier)."""
+    bench = load_benchmark("preprocess.py")
+    out = tmp_path / "pre.json"
+    assert bench.main(["--preset", "tiny", "--repeats", "1", "--random-images", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["views"] for r in report["tiers"]] == [1, 5, 13]
+    rng = np.random.default_rng(5)
+    for preset in ("tiny", "molmoe-1b"):
+        cfg = get_preset(preset).vision
+        image = (rng.random((3 * cfg.crop_size // 2, 2 * cfg.crop_size, 3)) * 255).astype(np.uint8)
+        image[:4] = 0  # the darkest and brightest levels go through the table too
+        image[-4:] = 255
+        bench.assert_same(make_crops(image, 12, cfg), bench.float_path_crops(image, 12, cfg))
+    broken = make_crops(image, 12, cfg)
+    broken.pixels[0, 0, 0, 0] += 1e-6
+    with pytest.raises(AssertionError):
+        bench.assert_same(broken, bench.float_path_crops(image, 12, cfg))
