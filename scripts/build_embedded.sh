@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 W=envs/vlm/weights/tiny
 if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
-  # (all on this 2-core CPU): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
+  # (1-10 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-10. see below. (The shipped run of stage 4
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-11. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
   # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
@@ -53,6 +53,14 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   stage runs/tiny_vlm_mix10 --init runs/tiny_vlm_mix9/model --steps 1000 --batch-size 16 --full-steps 0 \
     --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 500 --val-n 150 --dense-aux-batch 4 --complement-pairs easy \
     --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 --tier-weights 0.4 0.8 1.6 --seed 10 --ship "$W"
+  # 11. on a lent H100 from the shipped stage 10, batch 32; no probe was shipped beside it, so the fresh probe
+  # reads detached vision tokens for 100 steps. The run had --max-minutes 6.42 and stopped at step 804 of
+  # the 1000-step schedule (2.1 steps/s); --stop-at 804 repeats it.
+  # Without a GPU, TRAIN_ARGS="--device cpu" (it comes last, so it wins).
+  stage runs/tiny_vlm_mix11 --init "$W" --device cuda --steps 1000 --stop-at 804 --batch-size 32 --full-steps 0 \
+    --p-full 0.5 --lr 3e-4 --warmup 30 --probe-warmup 100 --val-every 250 --val-n 150 --ckpt-every 250 \
+    --dense-aux-batch 4 --complement-pairs easy --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 \
+    --tier-weights 0.4 0.8 1.6 --seed 11 --ship "$W"
 fi
 # Latency depends on shapes, not weights: a profile timed on a quiet machine can be kept for retrained
 # weights (SKIP_PROFILE=1); a busy moment inflates every stage (stage 8 kept stage 7's 67.7 ms profile:
