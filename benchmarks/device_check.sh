@@ -3,7 +3,7 @@
 # plain path and both timed on the molmoe-1b preset, the project's profiler on both paths, then
 # where the fast path's time goes (each phase's replay against its kernels).
 # Usage on the device machine: bash benchmarks/device_check.sh   (results land in $OUT or benchmarks/results)
-# Exits non-zero if either step failed, so a caller can skip what depends on it.
+# Exits non-zero if any step failed, so a caller can skip what depends on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

@@ -88,7 +88,9 @@ def level_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     Computed as (level / 255 - mean) / std in float32, so a lookup gives the very values that
     normalising float32 views gives, in one pass instead of several (benchmarks/preprocess.py)."""
     levels = np.arange(256, dtype=np.float32) / 255.0
-    return (levels[None, :] - np.array(mean, dtype=np.float32)[:, None]) / np.array(std, dtype=np.float32)[:, None]
+    table = (levels[None, :] - np.array(mean, dtype=np.float32)[:, None]) / np.array(std, dtype=np.float32)[:, None]
+    table.flags.writeable = False  # cached and shared by every call
+    return table
 
 
 def _region(placement: np.ndarray, y: float, x: float, size: int) -> list[float]:
