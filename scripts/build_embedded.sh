@@ -56,7 +56,9 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # 11. on a lent H100 from the shipped stage 10, batch 32; no probe was shipped beside it, so the fresh probe
   # reads detached vision tokens for 100 steps. The run had --max-minutes 6.42 and stopped at step 804 of
   # the 1000-step schedule (2.1 steps/s); --stop-at 804 repeats it.
-  # Without a GPU, TRAIN_ARGS="--device cpu" (it comes last, so it wins).
+  # Without a GPU, TRAIN_ARGS="--device cpu" (it comes last, so it wins). --ship writes probe.pt beside
+  # the model since then: remove stage 10's so the probe starts afresh, as in the shipped run.
+  [ -f runs/tiny_vlm_mix11/model/model.safetensors ] || rm -f "$W/probe.pt"
   stage runs/tiny_vlm_mix11 --init "$W" --device cuda --steps 1000 --stop-at 804 --batch-size 32 --full-steps 0 \
     --p-full 0.5 --lr 3e-4 --warmup 30 --probe-warmup 100 --val-every 250 --val-n 150 --ckpt-every 250 \
     --dense-aux-batch 4 --complement-pairs easy --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 \

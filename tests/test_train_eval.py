@@ -46,6 +46,8 @@ def test_train_resumes_and_ships(tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
     model = load_dir(tmp_path / "shipped")
     assert model.ranking.method == "adalora" and sorted(model.ranking.order) == list(range(3, 16))
+    shipped_probe = torch.load(tmp_path / "shipped" / "probe.pt", weights_only=True)  # a later --init continues it
+    assert all(torch.equal(v, torch.load(out / "probe.pt", weights_only=True)[k]) for k, v in shipped_probe.items())
     assert load_dir(out).cfg.name == "tiny"
     trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]["lm_head.weight"]
     assert not torch.equal(trained, first["model"]["lm_head.weight"])  # the third step changed weights

@@ -380,7 +380,8 @@ def train(args: TrainArgs) -> Path:
     model.ranking = compute_ranking(model, args.ranking, calib, tier="high")
     print(f"block ranking ({model.ranking.method}): {model.ranking.order}")
     out = save_model(model, args.out / "model", dtype=getattr(torch, args.ship_dtype))
-    torch.save(probe.state_dict(), out / PROBE_FILE)  # training-only: not shipped, read by a later --init
+    torch.save(probe.state_dict(), out / PROBE_FILE)  # training-only (22 KB), read by a later --init
     if args.ship:
         save_model(model, args.ship, dtype=getattr(torch, args.ship_dtype))
+        torch.save(probe.state_dict(), args.ship / PROBE_FILE)  # a stage from the shipped model continues it
     return out
