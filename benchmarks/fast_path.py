@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.latency import StageTimer, full_tier_image, timed_prefix
+from envs.latency import PROFILE_QUESTION, StageTimer, full_tier_image, median_ms, timed_prefix
 from envs.tasks.synthvqa import make_sample
 from envs.vlm.checkpoint import build_model
 from envs.vlm.fast import Phase
@@ -30,24 +30,6 @@ from envs.vlm.staged import moe_forward
 
 NEW_TOKENS = 3
 TARGETS = {"decode_full_ms": 3.0, "prefill_full_high_ms": 20.0, "span_ratio": 6.0, "moe_cut_8_to_2": 0.30}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def request_parts(model, image, question, tier, top_k, blocks, repeats, warmup) -> dict[str, float]:
@@ -142,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.preset, device=device, dtype=getattr(torch, args.dtype))
     print(f"built {args.preset} on {device} in {time.time() - t0:.0f} s", flush=True)
     image = full_tier_image(model.cfg.vision.crop_size)  # 1 / 5 / 13 views at low / medium / high
-    question = "which letter is in the top left corner?"
+    question = PROFILE_QUESTION
     k_max, b_max = max(model.cfg.knobs.top_k), max(model.cfg.knobs.blocks)
     k_min, b_min = min(model.cfg.knobs.top_k), min(model.cfg.knobs.blocks)
     report: dict = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda"

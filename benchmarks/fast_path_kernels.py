@@ -18,30 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from envs.latency import StageTimer, full_tier_image, timed_prefix
+from envs.latency import PROFILE_QUESTION, StageTimer, full_tier_image, median_ms, timed_prefix
 from envs.vlm.checkpoint import build_model
 
-QUESTION = "which letter is in the top left corner?"
 PHASES = ("vision", "prefix", "rest", "decode")
-
-
-def replay_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def kernels(fn, device: torch.device, top: int = 8) -> dict:
@@ -76,7 +59,7 @@ def phases_of(model, image, tier: str, top_k: int, blocks: int) -> dict:
     A phase's `fn` is its eager body over the same static buffers; calling the phase replays it."""
     fast = model.use_fast_path(64, graphs=model.device.type == "cuda")
     timer = StageTimer(model.device)
-    _, prepared, state = timed_prefix(model, image, QUESTION, tier, timer)
+    _, prepared, state = timed_prefix(model, image, PROFILE_QUESTION, tier, timer)
     with torch.no_grad():
         model.generate(state, model.layers_for(blocks), top_k, 2, timer=None, ignore_eos=True)
     named = {key[0]: phase for key, phase in fast.phases.items()}  # one phase of each kind per request
@@ -107,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             for phase in PHASES:
                 if phase not in phases:
                     continue  # vision is a phase only where graphs capture it
-                rows[phase] = {"replay_ms": replay_ms(phases[phase], device), **kernels(phases[phase].fn, device)}
+                rows[phase] = {
+                    "replay_ms": median_ms(phases[phase], device, 20, 3),
+                    **kernels(phases[phase].fn, device),
+                }
                 shown = {key: round(v, 3) if isinstance(v, float) else v for key, v in rows[phase].items()}
                 print(name, phase, json.dumps({key: v for key, v in shown.items() if key != "top"}), flush=True)
         report["configs"][name] = rows

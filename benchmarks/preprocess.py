@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from envs.latency import full_tier_image
+from envs.latency import full_tier_image, median_ms
 from envs.vlm.crops import Crops, _region, load_image, make_crops, tiling_for
 from envs.vlm.presets import get_preset
 
@@ -69,16 +69,6 @@ def assert_same(a: Crops, b: Crops) -> None:
     assert a.tiling == b.tiling and np.array_equal(a.regions, b.regions)
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="molmoe-1b")
@@ -98,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tier, max_crops in knobs.max_crops.items():
         assert_same(make_crops(image, max_crops, cfg), float_path_crops(image, max_crops, cfg))
-        old = median_ms(lambda m=max_crops: float_path_crops(image, m, cfg), args.repeats)
-        new = median_ms(lambda m=max_crops: make_crops(image, m, cfg), args.repeats)
+        old = median_ms(lambda m=max_crops: float_path_crops(image, m, cfg), repeats=args.repeats, warmup=1)
+        new = median_ms(lambda m=max_crops: make_crops(image, m, cfg), repeats=args.repeats, warmup=1)
         views = make_crops(image, max_crops, cfg).n_crops
         rows.append({"tier": tier, "views": views, "float_path_ms": old, "make_crops_ms": new, "speedup": old / new})
     report = {"preset": args.preset, "image": list(image.shape), "repeats": args.repeats,

@@ -17,6 +17,9 @@ import torch
 PARTS = ("controller", "preprocess", "vision", "connector", "prefill", "decode")
 
 
+PROFILE_QUESTION = "which letter is in the top left corner?"  # the reference request's question
+
+
 class StageTimer:
     """Accumulates wall time per named stage, in milliseconds."""
 
@@ -39,6 +42,22 @@ class StageTimer:
         finally:
             self._sync()
             self.ms[name] += (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn, device: torch.device | str = "cpu", repeats: int = 10, warmup: int = 3) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones, synchronising a GPU
+    around each call so the time covers its kernels (the benchmarks' one timing loop)."""
+    timer = StageTimer(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        timer._sync()
+        t0 = time.perf_counter()
+        fn()
+        timer._sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def timed_prefix(model, image, question: str, tier: str, timer: StageTimer, run_prefix: bool = True):
@@ -132,7 +151,7 @@ def profile_latency(model, repeats: int = 5, warmup: int = 2, new_tokens: int = 
     """Measure every stage of the latency definition; return a profile (raw medians + fitted model)."""
     from tqdm import tqdm
 
-    question = "which letter is in the top left corner?"
+    question = PROFILE_QUESTION
     knobs = model.cfg.knob_lists()
     images = profile_images(model.cfg.vision.crop_size)
     stage_rows, config_rows = [], []

@@ -12,7 +12,7 @@ import pytest
 from conftest import fake_latency
 
 from envs.budgets import Penalty
-from envs.latency import PARTS, ConfigLatency, LatencyModel, profile_latency
+from envs.latency import PARTS, ConfigLatency, LatencyModel, median_ms, profile_latency
 from envs.oracle import (
     best_static_config,
     expected_scores,
@@ -33,6 +33,15 @@ CONFIGS = [Config("low", 8, 13), Config("low", 1, 5), Config("high", 2, 7), Conf
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny):
     return str(save_model(tiny, tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def test_median_ms_times_only_the_calls_after_warm_up(monkeypatch):
+    import envs.latency as latency
+
+    clock, calls = iter([0.0, 0.004, 1.0, 1.001, 2.0, 2.009]), []
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(clock))
+    assert median_ms(lambda: calls.append(1), repeats=3, warmup=2) == pytest.approx(4.0)  # of 4, 1, 9 ms
+    assert len(calls) == 5
 
 
 def test_latency_model_recovers_linear_costs():
