@@ -12,7 +12,7 @@ from envs.tasks.dense_scenes import make_dense_sample
 from envs.tasks.synthvqa import DIGIT_PT, GLYPH_PT, SceneObject, _font, make_sample, shown_glyph
 from envs.vlm.crops import make_crops
 from envs.vlm.presets import get_preset
-from envs.vlm.train import VisionProbe
+from envs.vlm.train import VisionProbe, probe_targets
 
 VISION = get_preset("tiny").vision
 MAX_CROPS = get_preset("tiny").knobs.max_crops
@@ -121,9 +121,9 @@ def test_probe_loss_learns_token_targets():
     tokens = (onehot + 0.1 * torch.randn_like(onehot)).view(-1, 16, 96)
     probe = VisionProbe(96)
     opt = torch.optim.Adam(probe.parameters(), 1e-2)
-    first = probe.loss(tokens, crops, samples).item()
+    first = probe.loss(tokens, probe_targets(samples, crops, 4)).item()
     for _ in range(100):
-        loss = probe.loss(tokens, crops, samples)
+        loss = probe.loss(tokens, probe_targets(samples, crops, 4))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,8 +171,16 @@ def test_probe_accuracy_counts_each_group_over_the_tokens_it_asks_about():
         probe.cls.weight.zero_(), probe.colour.weight.zero_(), probe.cls.bias.fill_(0), probe.colour.bias.fill_(0)
         probe.cls.bias[CLASSES.index("letter:a")] = 1.0
         probe.colour.bias[COLOUR_CLASSES.index("red")] = 1.0
-    got = probe.accuracy(torch.randn(len(cls) // 16, 16, 96), crops, samples)
+    got = probe.accuracy(torch.randn(len(cls) // 16, 16, 96), probe_targets(samples, crops, 4))
     letters = [c for c in cls if c >= 0 and CLASSES[c].startswith("letter")]
     assert got["letter"] == (sum(CLASSES[c] == "letter:a" for c in letters), len(letters))
     assert got["shape"][0] == 0 and got["shape"][1] == sum(c >= 0 and CLASSES[c].startswith("shape") for c in cls)
     assert 0 < got["colour"][0] < got["colour"][1]
+
+
+def test_probe_refuses_targets_of_another_batch():
+    samples = [make_sample(0, i) for i in range(3)]
+    crops = [make_crops(s.image, MAX_CROPS["low"], VISION) for s in samples]
+    targets = probe_targets(samples, crops, 4)
+    with pytest.raises(ValueError, match="token targets"):
+        VisionProbe(96).loss(torch.randn(len(targets[0]) // 16 + 1, 16, 96), targets)

@@ -5,11 +5,22 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
-from envs.vlm.train import AnswerNormPenalty, TrainArgs, VisionProbe, family_mix, lr_at, sample_knobs, train
+from envs.vlm.train import (
+    AnswerNormPenalty,
+    StepMaker,
+    TrainArgs,
+    VisionProbe,
+    family_mix,
+    lr_at,
+    sample_knobs,
+    step_inputs,
+    train,
+)
 from scripts.eval_vlm import main as eval_main
 
 
@@ -192,6 +203,7 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
         ["--family-weights", "0", "0", "0", "0", "0"],
         ["--family-weights", "1", "1"],
         ["--steps", "10", "--stop-at", "11"],
+        ["--workers", "-1"],
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
@@ -292,3 +304,41 @@ def test_compare_models_reports_each_model_on_its_configs_and_refuses_a_missing_
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     with pytest.raises(SystemExit, match="model directory not found"):
         compare_main(["--n", "5", "--models", str(tmp_path / "missing")])
+
+
+def test_worker_processes_make_the_same_step_inputs_as_the_loop():
+    """`--workers` moves rendering and cropping into a DataLoader; the steps it yields are the ones made inline."""
+    model = build_model("tiny", device="meta")
+    args = TrainArgs(batch_size=4, full_steps=0, p_full=0.3, dense_aux_batch=2, complement_pairs="easy", steps=20)
+    maker = StepMaker(args, model.cfg, model.tokenizer)
+    inline, loaded = list(step_inputs(maker, 3, 9, workers=0)), list(step_inputs(maker, 3, 9, workers=2))
+    assert len(inline) == len(loaded) == 6
+    assert len({a.tier for a in inline}) > 1  # the knobs change from step to step
+    for a, b in zip(inline, loaded, strict=True):
+        assert (a.tier, a.top_k, a.layers) == (b.tier, b.top_k, b.layers)
+        assert a.pre.token_ids == b.pre.token_ids and torch.equal(a.pre.pixels(), b.pre.pixels())
+        assert all(
+            np.array_equal(x, y) for x, y in zip(a.targets + a.dense_targets, b.targets + b.dense_targets, strict=True)
+        )
+        assert len(a.pre.token_ids) == 4 and len(a.dense_pre.token_ids) == 2
+        assert a.pre.answer_lengths[0] > 0 and a.dense_pre.answer_lengths == [0, 0]  # answers only for task scenes
+
+
+def test_training_with_workers_gives_the_same_weights(tmp_path):
+    common = dict(batch_size=2, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1, full_steps=0, dense_aux_batch=1)
+    train(TrainArgs(out=tmp_path / "inline", steps=2, **common))
+    train(TrainArgs(out=tmp_path / "workers", steps=2, workers=1, **common))
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("inline", "workers"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="workers"):
+        train(TrainArgs(out=tmp_path / "bad", steps=1, workers=-1))
+
+
+def test_train_inputs_benchmark_times_every_tier_and_worker_count(tmp_path, capsys):
+    out = tmp_path / "inputs.json"
+    load_benchmark("train_inputs.py").main(["--repeats", "1", "--workers", "0", "1", "--steps", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["tier"] for r in report["tiers"]] == ["low", "medium", "high"]
+    assert all(r["ms_per_step"] > 0 for r in report["tiers"])
+    assert [r["workers"] for r in report["rates"]] == [0, 1] and all(r["steps_per_s"] > 0 for r in report["rates"])
+    assert "| high |" in capsys.readouterr().out

@@ -120,6 +120,53 @@ def greedy_step(tokens, generated, done, eos, ignore_eos, max_new, decode_steps,
     return False
 
 
+def preprocess_requests(
+    cfg: VLMConfig,
+    tokenizer: TextTokenizer,
+    images: list,
+    questions: list[str],
+    tier: str,
+    answers: list[str] | None = None,
+) -> Preprocessed:
+    """Crops and token ids of a batch: host work that needs no weights, so a training data worker
+    can run it ahead of the accelerator (`envs/vlm/train.py`). `KnobVLM.preprocess` is this call."""
+    if tier not in TIERS:
+        raise KnobError(f"unknown tier {tier!r}; choose one of {list(TIERS)}")
+    if len(images) != len(questions) or not images:
+        raise InputError(f"need as many images as questions (>0), got {len(images)} and {len(questions)}")
+    ids = tokenizer.ids
+    if answers is not None and len(answers) != len(questions):
+        raise InputError(f"need one answer per question, got {len(answers)} for {len(questions)}")
+    crops, token_ids, patch_positions, answer_lengths, text_lengths = [], [], [], [], []
+    side = cfg.vision.tokens_per_side
+    for n, (image, question) in enumerate(zip(images, questions, strict=True)):
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        c = make_crops(image, cfg.knobs.max_crops[tier], cfg.vision)
+        seq, pos = [ids["bos"]], []
+        for _ in range(c.n_crops):
+            seq.append(ids["im_start"])
+            for _ in range(side):
+                pos.extend(range(len(seq), len(seq) + side))
+                seq.extend([ids["im_patch"]] * side + [ids["im_col"]])
+            seq.append(ids["im_end"])
+        text = tokenizer.prompt_ids(question)
+        seq.extend(text)
+        text_lengths.append(len(text))
+        if answers is not None:
+            answer_ids = tokenizer.encode(answers[n]) + [ids["eos"]]
+            seq.extend(answer_ids)
+            answer_lengths.append(len(answer_ids))
+        else:
+            answer_lengths.append(0)
+        if len(seq) + cfg.max_new_tokens > cfg.llm.max_positions:
+            raise InputError(f"the request needs {len(seq)} tokens; the model handles {cfg.llm.max_positions}")
+        crops.append(c)
+        token_ids.append(seq)
+        patch_positions.append(pos)
+    return Preprocessed(tier, crops, token_ids, patch_positions, answer_lengths, text_lengths)
+
+
 class KnobVLM(nn.Module):
     def __init__(self, cfg: VLMConfig, tokenizer: TextTokenizer, ranking: BlockRanking | None = None):
         super().__init__()
@@ -210,40 +257,7 @@ class KnobVLM(nn.Module):
     def preprocess(
         self, images: list, questions: list[str], tier: str, answers: list[str] | None = None
     ) -> Preprocessed:
-        self.check_knobs(tier=tier)
-        if len(images) != len(questions) or not images:
-            raise InputError(f"need as many images as questions (>0), got {len(images)} and {len(questions)}")
-        ids = self.tokenizer.ids
-        if answers is not None and len(answers) != len(questions):
-            raise InputError(f"need one answer per question, got {len(answers)} for {len(questions)}")
-        crops, token_ids, patch_positions, answer_lengths, text_lengths = [], [], [], [], []
-        side = self.cfg.vision.tokens_per_side
-        for n, (image, question) in enumerate(zip(images, questions, strict=True)):
-            if not isinstance(question, str) or not question.strip():
-                raise InputError("the question is empty")
-            c = make_crops(image, self.cfg.knobs.max_crops[tier], self.cfg.vision)
-            seq, pos = [ids["bos"]], []
-            for _ in range(c.n_crops):
-                seq.append(ids["im_start"])
-                for _ in range(side):
-                    pos.extend(range(len(seq), len(seq) + side))
-                    seq.extend([ids["im_patch"]] * side + [ids["im_col"]])
-                seq.append(ids["im_end"])
-            text = self.tokenizer.prompt_ids(question)
-            seq.extend(text)
-            text_lengths.append(len(text))
-            if answers is not None:
-                answer_ids = self.tokenizer.encode(answers[n]) + [ids["eos"]]
-                seq.extend(answer_ids)
-                answer_lengths.append(len(answer_ids))
-            else:
-                answer_lengths.append(0)
-            if len(seq) + self.cfg.max_new_tokens > self.cfg.llm.max_positions:
-                raise InputError(f"the request needs {len(seq)} tokens; the model handles {self.cfg.llm.max_positions}")
-            crops.append(c)
-            token_ids.append(seq)
-            patch_positions.append(pos)
-        return Preprocessed(tier, crops, token_ids, patch_positions, answer_lengths, text_lengths)
+        return preprocess_requests(self.cfg, self.tokenizer, images, questions, tier, answers)
 
     def request_shapes(self, image, question: str) -> tuple[list[int], list[int]]:
         """Crops and prompt tokens (vision + text) of a request at every tier, from the image's size

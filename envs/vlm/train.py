@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ from envs.tasks.dense_scenes import make_dense_sample
 from envs.tasks.synthvqa import FAMILIES, SPLIT_SEEDS, SynthVQA, complement, make_sample
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
+from envs.vlm.model import Preprocessed, preprocess_requests
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.ranking import compute_ranking
 
@@ -61,6 +63,7 @@ class TrainArgs:
     warmup_scenes: str = "task"  # what the vision steps see: "task" scenes or packed "dense" scenes
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
     probe_warmup: int = 0  # the first steps train the probe on detached vision tokens (for a probe started afresh)
+    workers: int = 0  # > 0: processes that render and crop the next steps' scenes while this one trains (GPU)
     complement_pairs: str = "none"  # none | hard | easy: see synthvqa.complement
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
@@ -83,8 +86,8 @@ class TrainArgs:
         """ValueError for choices `train` cannot run with (train_vlm.py turns it into a usage error)."""
         if self.complement_pairs not in COMPLEMENT_PAIRS:
             raise ValueError(f"complement_pairs must be one of {COMPLEMENT_PAIRS}, got {self.complement_pairs!r}")
-        if self.max_minutes < 0 or self.probe_warmup < 0:
-            raise ValueError("max_minutes and probe_warmup must be >= 0")
+        if self.max_minutes < 0 or self.probe_warmup < 0 or self.workers < 0:
+            raise ValueError("max_minutes, probe_warmup and workers must be >= 0")
         if not 0 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must lie in 0..steps ({self.steps}), got {self.stop_at}")
         if self.warmup_scenes not in WARMUP_SCENES:
@@ -107,6 +110,13 @@ def sample_knobs(rng: np.random.Generator, cfg, args: TrainArgs, step: int = 0) 
 PROBE_FILE = "probe.pt"
 
 
+def probe_targets(samples: list, crops: list, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class and colour targets of every vision token of `samples` (connector order, `side` x `side`
+    tokens per crop), from what each scene drew where (`dense_labels.token_targets`)."""
+    targets = [token_targets(s.objects, c, side) for s, c in zip(samples, crops, strict=True)]
+    return np.concatenate([t[0] for t in targets]), np.concatenate([t[1] for t in targets])
+
+
 class VisionProbe(nn.Module):
     """Training-only heads reading each connector token: object class and colour (not shipped)."""
 
@@ -119,26 +129,27 @@ class VisionProbe(nn.Module):
         self.register_buffer("cls_weight", torch.tensor([none_weight] + [1.0] * (len(CLASSES) - 1)))
         self.register_buffer("colour_weight", torch.tensor([none_weight] + [1.0] * (len(COLOUR_CLASSES) - 1)))
 
-    def _logits_and_targets(self, image_tokens: torch.Tensor, crops: list, samples: list):
-        side = math.isqrt(image_tokens.shape[1])
-        targets = [token_targets(s.objects, c, side) for s, c in zip(samples, crops, strict=True)]
-        cls = torch.from_numpy(np.concatenate([t[0] for t in targets])).to(image_tokens.device)
-        col = torch.from_numpy(np.concatenate([t[1] for t in targets])).to(image_tokens.device)
+    def _logits_and_targets(self, image_tokens: torch.Tensor, targets: tuple[np.ndarray, np.ndarray]):
+        cls, col = (torch.from_numpy(t).to(image_tokens.device) for t in targets)
+        if len(cls) != image_tokens.shape[0] * image_tokens.shape[1]:
+            raise ValueError(f"{len(cls)} token targets for {image_tokens.shape[0] * image_tokens.shape[1]} tokens")
         h = self.norm(image_tokens.reshape(-1, image_tokens.shape[-1]).float())
         return self.cls(h), cls, self.colour(h), col
 
-    def loss(self, image_tokens: torch.Tensor, crops: list, samples: list) -> torch.Tensor:
-        """Mean cross-entropy over legible tokens of both heads; tokens in the connector's order."""
-        cls_logits, cls, col_logits, col = self._logits_and_targets(image_tokens, crops, samples)
+    def loss(self, image_tokens: torch.Tensor, targets: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        """Mean cross-entropy over legible tokens of both heads; `targets` from `probe_targets`."""
+        cls_logits, cls, col_logits, col = self._logits_and_targets(image_tokens, targets)
         ce = nn.functional.cross_entropy
         return ce(cls_logits, cls, self.cls_weight, ignore_index=IGNORE) + ce(
             col_logits, col, self.colour_weight, ignore_index=IGNORE
         )
 
     @torch.no_grad()
-    def accuracy(self, image_tokens: torch.Tensor, crops: list, samples: list) -> dict[str, tuple[int, int]]:
+    def accuracy(
+        self, image_tokens: torch.Tensor, targets: tuple[np.ndarray, np.ndarray]
+    ) -> dict[str, tuple[int, int]]:
         """(correct, asked) per target group: shape, letter, digit classes and object colour."""
-        cls_logits, cls, col_logits, col = self._logits_and_targets(image_tokens, crops, samples)
+        cls_logits, cls, col_logits, col = self._logits_and_targets(image_tokens, targets)
         right_cls, right_col = cls_logits.argmax(-1) == cls, col_logits.argmax(-1) == col
         out = {}
         for group in ("shape", "letter", "digit"):
@@ -209,10 +220,9 @@ def task_batch(make, seed: int, step: int, size: int, pairs: str = "none") -> li
     return batch
 
 
-def vision_tokens(model, samples: list, tier: str) -> tuple[torch.Tensor, list]:
-    """Connector output and crops of `samples` at `tier`, without the LLM's embeddings."""
-    pre = model.preprocess([s.image for s in samples], [s.question for s in samples], tier)
-    return model.image_tokens(pre, model.encode_vision(pre.pixels())), pre.crops
+def vision_tokens(model, pre: Preprocessed) -> torch.Tensor:
+    """Connector output of a preprocessed batch, without the LLM's embeddings."""
+    return model.image_tokens(pre, model.encode_vision(pre.pixels()))
 
 
 def probe_report(model, probe: VisionProbe, samples: list) -> dict[str, dict[str, float]]:
@@ -220,9 +230,74 @@ def probe_report(model, probe: VisionProbe, samples: list) -> dict[str, dict[str
     out = {}
     with torch.no_grad():
         for tier in TIERS:
-            counts = probe.accuracy(*vision_tokens(model, samples, tier), samples)
+            pre = model.preprocess([s.image for s in samples], [s.question for s in samples], tier)
+            targets = probe_targets(samples, pre.crops, model.cfg.vision.tokens_per_side)
+            counts = probe.accuracy(vision_tokens(model, pre), targets)
             out[tier] = {g: right / asked for g, (right, asked) in counts.items() if asked}
     return out
+
+
+@dataclass
+class StepInputs:
+    """The host's part of one training step: its knobs, scenes, crops, tokens and vision-token targets."""
+
+    tier: str
+    top_k: int
+    layers: list[int]
+    pre: Preprocessed
+    targets: tuple[np.ndarray, np.ndarray]
+    dense_pre: Preprocessed | None  # the dense scenes of a joint step's vision loss
+    dense_targets: tuple[np.ndarray, np.ndarray] | None
+
+
+class StepMaker(Dataset):
+    """Step `i`'s inputs, a pure function of (args, i): rendering and cropping 36 scenes took about
+    0.19 s of host time at the high tier (one core here), which `--workers` moves off the training
+    loop's critical path (a `DataLoader` over step indices), and a resumed run replays exactly."""
+
+    def __init__(self, args: TrainArgs, cfg, tokenizer):
+        self.args, self.cfg, self.tokenizer = args, cfg, tokenizer
+        self.task_sample = family_mix(args.family_weights)
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def _prepare(self, samples: list, tier: str, answers=None) -> tuple[Preprocessed, tuple]:
+        pre = preprocess_requests(
+            self.cfg, self.tokenizer, [s.image for s in samples], [s.question for s in samples], tier, answers
+        )
+        return pre, probe_targets(samples, pre.crops, self.cfg.vision.tokens_per_side)
+
+    def __getitem__(self, step: int) -> StepInputs:
+        args, seed = self.args, SPLIT_SEEDS["train"]
+        rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
+        tier, top_k, layers = sample_knobs(rng, self.cfg, args, step)
+        warm_up = step < args.vision_steps
+        make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else self.task_sample
+        batch = task_batch(make, seed, step, args.batch_size, "none" if warm_up else args.complement_pairs)
+        pre, targets = self._prepare(batch, tier, None if warm_up else [s.answer for s in batch])
+        dense_pre = dense_targets = None
+        if not warm_up and args.dense_aux_batch > 0:
+            # task scenes show one small letter per glyph question: without these the letter features fade
+            first = DENSE_AUX_OFFSET + step * args.dense_aux_batch
+            dense_pre, dense_targets = self._prepare(
+                [make_dense_sample(seed, first + i) for i in range(args.dense_aux_batch)], tier
+            )
+        return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets)
+
+
+def _as_made(item):
+    return item
+
+
+def step_inputs(maker: StepMaker, start: int, end: int, workers: int):
+    """Inputs of steps start..end-1 in order: made here, or by `workers` processes a few steps ahead."""
+    if workers == 0:
+        return (maker[step] for step in range(start, end))
+    loader = DataLoader(
+        maker, batch_size=None, sampler=range(start, end), num_workers=workers, collate_fn=_as_made, prefetch_factor=4
+    )
+    return iter(loader)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -263,7 +338,6 @@ def load_probe(probe: VisionProbe, init: Path) -> None:
 
 def train(args: TrainArgs) -> Path:
     args.check()
-    task_sample = family_mix(args.family_weights)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
     model = build_model(args.preset, seed=args.seed)
@@ -298,34 +372,22 @@ def train(args: TrainArgs) -> Path:
         start = state["step"]
         print(f"resumed from {ckpt} at step {start}")
     writer = SummaryWriter(str(args.out / "tb"))
-    train_seed = SPLIT_SEEDS["train"]
     val = list(SynthVQA(SPLIT_SEEDS["val"], args.val_n))
     t0 = time.time()
     end = args.stop_at or args.steps
     bar = tqdm(range(start, end), initial=start, total=end, desc="train")
-    for step in bar:
-        rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
-        tier, top_k, layers = sample_knobs(rng, model.cfg, args, step)
+    inputs = step_inputs(StepMaker(args, model.cfg, model.tokenizer), start, end, args.workers)
+    for step, step_in in zip(bar, inputs, strict=True):
+        tier, top_k, layers, pre = step_in.tier, step_in.top_k, step_in.layers, step_in.pre
         warm_up = step < args.vision_steps
-        make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else task_sample
-        pairs = "none" if warm_up else args.complement_pairs
-        batch = task_batch(make, train_seed, step, args.batch_size, pairs)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        answers = None if warm_up else [s.answer for s in batch]
-        pre = model.preprocess([s.image for s in batch], [s.question for s in batch], tier, answers)
         prepared = model.connect(pre, model.encode_vision(pre.pixels()))
         # a fresh probe's loss is large and random: while it learns, its gradients stay out of the ViT
         probe_only = (lambda t: t.detach()) if step < args.probe_warmup else (lambda t: t)
-        aux = (
-            probe.loss(probe_only(prepared.image_tokens), pre.crops, batch) if args.aux_weight > 0 else torch.zeros(())
-        )
-        if not warm_up and args.dense_aux_batch > 0:
-            # task scenes show one small letter per glyph question: without these the letter features fade
-            first = DENSE_AUX_OFFSET + step * args.dense_aux_batch
-            dense = [make_dense_sample(train_seed, first + i) for i in range(args.dense_aux_batch)]
-            tokens, crops = vision_tokens(model, dense, tier)
-            aux = aux + probe.loss(probe_only(tokens), crops, dense)
+        aux = probe.loss(probe_only(prepared.image_tokens), step_in.targets) if args.aux_weight > 0 else torch.zeros(())
+        if step_in.dense_pre is not None:
+            aux = aux + probe.loss(probe_only(vision_tokens(model, step_in.dense_pre)), step_in.dense_targets)
         if warm_up:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
