@@ -37,10 +37,11 @@ def feasible(env, with_controller: bool = False) -> bool:
 def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np.ndarray]:
     """`choose(env, obs, masks) -> action` for each step; returns per-episode arrays."""
     keys = ("score", "latency", "violation", "reward", "controller", "config", "budget", "feasible", "reachable",
-            "guarded", "repaired")  # fmt: skip
+            "guarded", "repaired", "request")  # fmt: skip
     out = {k: [] for k in keys}
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
+        out["request"].append(env._sample)  # the split's request index: episodes of one request are not independent
         out["feasible"].append(feasible(env))
         out["reachable"].append(feasible(env, with_controller=True))
         done = False
@@ -52,6 +53,29 @@ def run_episodes(env, choose, episodes: int, seed: int = 10_000) -> dict[str, np
                          ("repaired", info.get("repaired", False))):  # fmt: skip
             out[key].append(val)
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def clustered_se(gain: np.ndarray, clusters: np.ndarray) -> float:
+    """Standard error of the mean of `gain`, clustered (sums of residuals per cluster): episodes drawn
+    from one request share its difficulty, so they are not independent."""
+    gain = np.asarray(gain, dtype=np.float64)
+    _, index = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(index, weights=gain - gain.mean())
+    n = len(sums)
+    return float(np.sqrt(n / (n - 1) * (sums**2).sum()) / gain.size) if n > 1 else 0.0
+
+
+def paired_differences(runs: dict[str, dict[str, np.ndarray]], pairs) -> dict[str, dict[str, float]]:
+    """Mean reward of `a` minus `b` for each `(a, b)` in `pairs`, episode by episode (the runs share
+    their episodes: same requests, same budgets), with its standard error clustered by request."""
+    out = {}
+    for a, b in pairs:
+        if a in runs and b in runs:
+            if any(not np.array_equal(runs[a][k], runs[b][k]) for k in ("request", "budget") if k in runs[a]):
+                raise ValueError(f"{a} and {b} ran different episodes: no paired difference")
+            gain = runs[a]["reward"] - runs[b]["reward"]
+            out[f"{a} - {b}"] = {"mean": float(gain.mean()), "se": clustered_se(gain, runs[a]["request"])}
+    return out
 
 
 def summarize(r: dict[str, np.ndarray]) -> dict[str, float]:
@@ -107,8 +131,9 @@ def best_static(train_env, distribution, episodes: int = 2000, seed: int = 0) ->
     return best_static_from_arrays(table.score[idx], table.latency[idx], budgets, train_env.penalty)
 
 
-def baselines(env, train_env, distribution, episodes: int, seed: int) -> dict[str, dict]:
-    """Baselines on `env` (an environment without controller overhead)."""
+def baselines(env, train_env, distribution, episodes: int, seed: int) -> tuple[dict[str, dict], dict]:
+    """Baselines on `env` (an environment without controller overhead): summaries, and the
+    per-episode arrays of each (for paired differences)."""
     table = env.backend.table
     rng = np.random.default_rng(seed)
     static = best_static(train_env, distribution)
@@ -124,6 +149,7 @@ def baselines(env, train_env, distribution, episodes: int, seed: int) -> dict[st
 
     picks = {"oracle": oracle, "best_static": lambda e: static, "max_config": lambda e: biggest,
              "random_feasible": random_feasible}  # fmt: skip
-    out = {name: summarize(run_episodes(env, config_chooser(p), episodes, seed)) for name, p in picks.items()}
+    runs = {name: run_episodes(env, config_chooser(p), episodes, seed) for name, p in picks.items()}
+    out = {name: summarize(r) for name, r in runs.items()}
     out["best_static"]["config"] = table.configs[static].__dict__
-    return out
+    return out, runs

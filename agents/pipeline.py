@@ -24,7 +24,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch.utils.tensorboard import SummaryWriter
 
-from agents.evaluation import baselines, policy_chooser, run_episodes, summarize
+from agents.evaluation import baselines, clustered_se, paired_differences, policy_chooser, run_episodes, summarize
 from agents.imitation import ORACLES, behaviour_clone, collect
 from agents.report import write_report
 from envs.budgets import Penalty, parse_distribution
@@ -218,14 +218,6 @@ class KeepBestOnValidation(BaseCallback):
         self.start: np.ndarray | None = None
         self.best, self.best_step, self.best_state = -np.inf, 0, None
 
-    @staticmethod
-    def gain_se(gain: np.ndarray, clusters: np.ndarray) -> float:
-        """Standard error of the mean of `gain`, clustered (sums of residuals per cluster)."""
-        _, index = np.unique(clusters, return_inverse=True)
-        sums = np.bincount(index, weights=gain - gain.mean())
-        n = len(sums)
-        return float(np.sqrt(n / (n - 1) * (sums**2).sum()) / gain.size) if n > 1 else 0.0
-
     def _check(self) -> None:
         out = self.score(self.model)
         rewards, requests = out if isinstance(out, tuple) else (out, None)
@@ -234,7 +226,7 @@ class KeepBestOnValidation(BaseCallback):
         self.start = rewards if self.start is None else self.start
         gain = (rewards - self.start).ravel()
         clusters = np.arange(gain.size) if requests is None else np.asarray(requests).ravel()
-        se = self.gain_se(gain, clusters) if rewards.shape[1] > 1 else 0.0
+        se = clustered_se(gain, clusters) if rewards.shape[1] > 1 else 0.0
         means = rewards.mean(axis=1)
         reward = float(means.mean())
         candidate = bool((means >= self.start.mean(axis=1)).all() and gain.mean() >= self.min_gain_se * se)
@@ -302,9 +294,12 @@ def evaluate_all(assets: Assets, kind: str, budgets: str, policies: dict, penalt
         plain = assets.env("two_stage", test, dist, penalty, 0.0)
         train = assets.env("two_stage", assets.train, dist, penalty, 0.0)
         results[dist.name] = {name: summarize(r) for name, r in rows.items()}
-        results[dist.name].update(baselines(plain, train, dist, episodes, seed))
+        summaries, runs = baselines(plain, train, dist, episodes, seed)
+        results[dist.name].update(summaries)
         results[dist.name]["_episodes"] = {name: {k: r[k].tolist() for k in ("budget", "score", "violation")}
                                            for name, r in rows.items()}  # fmt: skip
+        pairs = [(name, ref) for name in rows for ref in ("bc_only", "best_static") if name != ref]
+        results[dist.name]["_paired"] = paired_differences(rows | runs, pairs)
     return results
 
 

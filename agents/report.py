@@ -59,6 +59,12 @@ def markdown(meta: dict, results: dict) -> str:
         if "ppo" in block and "bc_only" in block:
             diff = block["ppo"]["mean_reward"] - block["bc_only"]["mean_reward"]
             lines += ["", f"PPO - BC mean reward: {diff:+.4f}"]
+        if block.get("_paired"):  # runs before paired differences were recorded have none
+            lines += [
+                "",
+                "paired mean-reward differences, same episodes (standard error clustered by request): "
+                + "; ".join(f"{pair} {d['mean']:+.4f} ({d['se']:.4f})" for pair, d in block["_paired"].items()),
+            ]
         lines.append("")
     return "\n".join(lines)
 

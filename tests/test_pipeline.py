@@ -53,6 +53,12 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
         assert block["oracle"]["violation_rate"] <= block["max_config"]["violation_rate"]
         assert block["ppo"]["controller_ms"] > 0 and block["oracle"]["controller_ms"] == 0
     assert report["meta"]["peak_memory_mb"] > 0 and "PPO - BC mean reward" in (out / "eval.md").read_text()
+    for dist, block in report["results"].items():  # paired against the BC start and the best static config
+        paired = block["_paired"]
+        assert set(paired) == {"ppo - bc_only", "ppo - best_static", "bc_only - best_static"}, dist
+        diff = block["ppo"]["mean_reward"] - block["best_static"]["mean_reward"]
+        assert paired["ppo - best_static"]["mean"] == pytest.approx(diff) and paired["ppo - best_static"]["se"] >= 0
+    assert "ppo - best_static" in (out / "eval.md").read_text()
     sel = report["meta"]["selection"]  # validation checks: the BC start, then every 512 steps (one rollout)
     assert [step for step, *_ in sel["history"]] == [0, 512] and sel["kept_step"] in (0, 512)
     assert sel["validation_requests"] == 8 and sel["min_gain_se"] == pytest.approx(1.96, abs=1e-3)  # 2 checks
@@ -264,15 +270,31 @@ def test_select_alpha_outside_the_open_unit_interval_is_refused(alpha):
 
 
 def test_clustered_standard_error_is_the_plain_one_for_single_episodes_and_grows_with_shared_requests():
-    from agents.pipeline import KeepBestOnValidation
+    from agents.evaluation import clustered_se
 
     gain = np.random.default_rng(1).normal(size=1000)
-    plain = KeepBestOnValidation.gain_se(gain, np.arange(1000))
+    plain = clustered_se(gain, np.arange(1000))
     assert plain == pytest.approx(gain.std(ddof=1) / np.sqrt(1000))
     shared = np.repeat(gain[:100], 10)  # 100 requests, 10 identical episodes each
-    assert KeepBestOnValidation.gain_se(shared, np.arange(1000) // 10) == pytest.approx(
-        gain[:100].std(ddof=1) / np.sqrt(100)
-    )
+    assert clustered_se(shared, np.arange(1000) // 10) == pytest.approx(gain[:100].std(ddof=1) / np.sqrt(100))
+
+
+def test_paired_differences_pair_episodes_and_refuse_runs_of_other_episodes():
+    from agents.evaluation import clustered_se, paired_differences
+
+    rng = np.random.default_rng(2)
+    requests = rng.integers(50, size=400)
+    static = {"reward": rng.random(400), "request": requests}
+    ppo = {"reward": static["reward"] + 0.1 + 0.05 * rng.normal(size=400), "request": requests}
+    got = paired_differences({"ppo": ppo, "best_static": static}, [("ppo", "best_static"), ("ppo", "bc_only")])
+    assert list(got) == ["ppo - best_static"]  # bc_only did not run: no pair
+    gain = ppo["reward"] - static["reward"]
+    assert got["ppo - best_static"]["mean"] == pytest.approx(gain.mean())
+    assert got["ppo - best_static"]["se"] == pytest.approx(clustered_se(gain, requests))
+    assert got["ppo - best_static"]["se"] < 0.01  # paired: the shared episode noise cancels
+    other = {"reward": static["reward"], "request": np.roll(requests, 1)}
+    with pytest.raises(ValueError, match="different episodes"):
+        paired_differences({"ppo": ppo, "best_static": other}, [("ppo", "best_static")])
 
 
 def test_a_backend_over_the_first_requests_replays_them_as_the_whole_table_does(assets, tiny, tmp_path):
