@@ -153,8 +153,15 @@ def test_evaluate_and_compare_scripts(assets, tmp_path, monkeypatch, capsys):
     assert set(rep["results"]) == {"tight", f"trace:{trace}"}
     assert {"policy", "bc_only", "oracle", "best_static"} <= set(rep["results"]["tight"])
     assert list((tmp_path / "cache" / "outcomes").glob("synthvqa-33-4-*/table.npz"))
+    assert {"policy - bc_only", "policy - best_static", "bc_only - best_static"} == set(
+        rep["results"]["tight"]["_paired"]
+    )
     assert compare_main([str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.png").is_file()
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    paired = json.loads((run_dir / "eval.json").read_text())["results"]["tight"]["_paired"]["ppo - best_static"]
+    tight = next(line for line in table if "| tight |" in line).split(" | ")
+    assert tight[8] == f"{paired['mean']:+.3f} ({paired['se']:.3f})"  # the paired margin, beside the static reward
     bad = [*argv[:3], "gaussian", *argv[4:]]
     assert evaluate_main(bad) == 2 and "unknown budget distribution" in capsys.readouterr().err
     (tmp_path / "empty.json").write_text("[]")
