@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 W=envs/vlm/weights/tiny
 if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
-  # (1-10 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
+  # (1-10 and 12 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-11. see below. (The shipped run of stage 4
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-12. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
   # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
@@ -63,6 +63,12 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
     --p-full 0.5 --lr 3e-4 --warmup 30 --probe-warmup 100 --val-every 250 --val-n 150 --ckpt-every 250 \
     --dense-aux-batch 4 --complement-pairs easy --norm-cap 20 --family-weights 0.4 3 2.5 1 2.5 \
     --tier-weights 0.4 0.8 1.6 --seed 11 --ship "$W"
+  # 12. on this 2-core CPU from stage 11 (continuing its probe): batches of 16 over a full 2400-step schedule
+  # (68 min), count and sum weighted more (family weights 0.3 / 3 / 2.5 / 1.5 / 3).
+  stage runs/tiny_vlm_mix12 --init runs/tiny_vlm_mix11/model --device cpu --steps 2400 --batch-size 16 --full-steps 0 \
+    --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 800 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
+    --complement-pairs easy --norm-cap 20 --family-weights 0.3 3 2.5 1.5 3 --tier-weights 0.4 0.8 1.6 --seed 12 \
+    --ship "$W"
 fi
 # Latency depends on shapes, not weights: a profile timed on a quiet machine can be kept for retrained
 # weights (SKIP_PROFILE=1); a busy moment inflates every stage (stage 8 kept stage 7's 67.7 ms profile:
