@@ -225,13 +225,19 @@ def vision_tokens(model, pre: Preprocessed) -> torch.Tensor:
     return model.image_tokens(pre, model.encode_vision(pre.pixels()))
 
 
+def prepare_with_targets(cfg, tokenizer, samples: list, tier: str, answers=None) -> tuple[Preprocessed, tuple]:
+    """Crops and tokens of `samples` at `tier` with the probe's targets for their vision tokens (no weights)."""
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    pre = preprocess_requests(cfg, tokenizer, images, questions, tier, answers)
+    return pre, probe_targets(samples, pre.crops, cfg.vision.tokens_per_side)
+
+
 def probe_report(model, probe: VisionProbe, samples: list) -> dict[str, dict[str, float]]:
     """Probe accuracy per tier and group on `samples` (groups a tier is never asked about are left out)."""
     out = {}
     with torch.no_grad():
         for tier in TIERS:
-            pre = model.preprocess([s.image for s in samples], [s.question for s in samples], tier)
-            targets = probe_targets(samples, pre.crops, model.cfg.vision.tokens_per_side)
+            pre, targets = prepare_with_targets(model.cfg, model.tokenizer, samples, tier)
             counts = probe.accuracy(vision_tokens(model, pre), targets)
             out[tier] = {g: right / asked for g, (right, asked) in counts.items() if asked}
     return out
@@ -263,12 +269,6 @@ class StepMaker(Dataset):
     def __len__(self) -> int:
         return self.args.steps
 
-    def _prepare(self, samples: list, tier: str, answers=None) -> tuple[Preprocessed, tuple]:
-        pre = preprocess_requests(
-            self.cfg, self.tokenizer, [s.image for s in samples], [s.question for s in samples], tier, answers
-        )
-        return pre, probe_targets(samples, pre.crops, self.cfg.vision.tokens_per_side)
-
     def __getitem__(self, step: int) -> StepInputs:
         args, seed = self.args, SPLIT_SEEDS["train"]
         rng = np.random.default_rng([args.seed, step])  # knobs depend on the step only: resumes replay exactly
@@ -276,13 +276,18 @@ class StepMaker(Dataset):
         warm_up = step < args.vision_steps
         make = make_dense_sample if warm_up and args.warmup_scenes == "dense" else self.task_sample
         batch = task_batch(make, seed, step, args.batch_size, "none" if warm_up else args.complement_pairs)
-        pre, targets = self._prepare(batch, tier, None if warm_up else [s.answer for s in batch])
+        pre, targets = prepare_with_targets(
+            self.cfg, self.tokenizer, batch, tier, None if warm_up else [s.answer for s in batch]
+        )
         dense_pre = dense_targets = None
         if not warm_up and args.dense_aux_batch > 0:
             # task scenes show one small letter per glyph question: without these the letter features fade
             first = DENSE_AUX_OFFSET + step * args.dense_aux_batch
-            dense_pre, dense_targets = self._prepare(
-                [make_dense_sample(seed, first + i) for i in range(args.dense_aux_batch)], tier
+            dense_pre, dense_targets = prepare_with_targets(
+                self.cfg,
+                self.tokenizer,
+                [make_dense_sample(seed, first + i) for i in range(args.dense_aux_batch)],
+                tier,
             )
         return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets)
 
