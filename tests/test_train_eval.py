@@ -348,3 +348,38 @@ def test_train_inputs_benchmark_times_every_tier_and_worker_count(tmp_path, caps
     assert all(r["ms_per_step"] > 0 for r in report["tiers"])
     assert [r["workers"] for r in report["rates"]] == [0, 1] and all(r["steps_per_s"] > 0 for r in report["rates"])
     assert "| high |" in capsys.readouterr().out
+
+
+def test_family_errors_counts_confusions_signed_errors_and_yes_bias():
+    from scripts.error_report import family_errors
+
+    e = family_errors(["6", "6", "2", "3", "3"], ["5", "5", "1", "3", "blue"])
+    assert e["n"] == 5 and e["accuracy"] == pytest.approx(0.2)
+    assert e["confusions"][0] == ["6", "5", 2]  # the most frequent confusion first
+    assert e["signed_error"] == {"-1": 3} and e["not_a_number"] == 1
+    assert family_errors(["3"], ["four"])["signed_error"] == {"1": 1}  # "four" normalises to 4
+    assert e["accuracy_by_truth"] == {"2": [0.0, 1], "3": [0.5, 2], "6": [0.0, 2]}  # numeric order
+    yn = family_errors(["no", "no", "no", "yes"], ["yes", "Yes", "no", "yes"])  # answers are normalised
+    assert yn["accuracy"] == 0.5 and yn["yes_rate"] == 0.75
+    assert yn["false_yes"] == pytest.approx(2 / 3) and yn["false_no"] == 0.0
+    assert "signed_error" not in yn and "yes_rate" not in e
+    with pytest.raises(ValueError, match="no answers"):
+        family_errors([], [])
+
+
+def test_error_report_covers_every_family_per_config_and_refuses_bad_configs(tmp_path, capsys):
+    from scripts.error_report import main as errors_main
+
+    out = tmp_path / "errors.json"
+    report = errors_main(["--seed", "9", "--n", "10", "--configs", "high/8/13", "low/1/5", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert out.with_suffix(".md").read_text().count("| high/8/13 |") == 5
+    assert [(c["tier"], c["top_k"], c["blocks"]) for c in report["configs"]] == [("high", 8, 13), ("low", 1, 5)]
+    for cfg in report["configs"]:
+        assert sorted(cfg["by_family"]) == ["colour", "count", "glyph", "presence", "sum"]
+        assert sum(e["n"] for e in cfg["by_family"].values()) == 10
+    assert "| high/8/13 | colour |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="top_k=3 is not offered"):
+        errors_main(["--seed", "9", "--n", "2", "--configs", "high/3/13"])
+    with pytest.raises(SystemExit):
+        errors_main(["--seed", "9", "--configs", "high-8-13"])
