@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from envs.tasks.metrics import normalize_answer
-from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA
+from envs.tasks.synthvqa import TRAINING_SEEDS, SynthVQA
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError, KnobError
 from envs.vlm.evaluate import Config, sweep
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.n <= 0:
         ap.error("--n must be positive")
-    if args.seed in (SPLIT_SEEDS["train"], SPLIT_SEEDS["calibration"]):
+    if args.seed in TRAINING_SEEDS:
         print(f"warning: seed {args.seed} is a training split seed", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,19 +110,20 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"error: {e}")
     knobs = model.cfg.knob_lists()
     configs = args.configs or [Config(t, max(knobs["top_k"]), max(knobs["blocks"])) for t in knobs["tier"]]
-    for cfg in configs:
-        try:
-            model.check_knobs(cfg.tier, cfg.top_k, cfg.blocks)
-        except KnobError as e:
-            sys.exit(f"error: {e}")
     samples = list(SynthVQA(args.seed, args.n))
-    answers, _, _ = sweep(model, samples, configs)
+    try:
+        answers, _, _ = sweep(model, samples, configs)  # checks every config's knobs before any work
+    except KnobError as e:
+        sys.exit(f"error: {e}")
+    families = {
+        fam: [i for i, s in enumerate(samples) if s.family == fam] for fam in sorted({s.family for s in samples})
+    }
     report = {"model": str(args.model), "seed": args.seed, "n": args.n, "configs": []}
     for j, cfg in enumerate(configs):
-        by_family = {}
-        for fam in sorted({s.family for s in samples}):
-            idx = [i for i, s in enumerate(samples) if s.family == fam]
-            by_family[fam] = family_errors([samples[i].answer for i in idx], [answers[i][j] for i in idx])
+        by_family = {
+            fam: family_errors([samples[i].answer for i in idx], [answers[i][j] for i in idx])
+            for fam, idx in families.items()
+        }
         report["configs"].append({"tier": cfg.tier, "top_k": cfg.top_k, "blocks": cfg.blocks, "by_family": by_family})
     table = markdown(report)
     print(table)

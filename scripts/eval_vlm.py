@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.outcomes import OutcomeTable
-from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA, dataset_spec
+from envs.tasks.synthvqa import TRAINING_SEEDS, SynthVQA, dataset_spec
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config, accuracy_table, all_configs, sweep
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.n <= 0:
         ap.error("--n must be positive")
-    if args.seed in (SPLIT_SEEDS["train"], SPLIT_SEEDS["calibration"]):
+    if args.seed in TRAINING_SEEDS:
         print(f"warning: seed {args.seed} is a training split seed", file=sys.stderr)
     try:
         with warnings.catch_warnings():

@@ -39,6 +39,7 @@ VERSION = 3  # bumped whenever a seed's scenes change (2: one letter per glyph s
 # (vision probe 0.2-0.4 after thousands of steps) nor, from scratch, 11 px capitals in 600 steps.
 GLYPH_PT, DIGIT_PT = 22, 40
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3, "rl_train": 4}
+TRAINING_SEEDS = (SPLIT_SEEDS["train"], SPLIT_SEEDS["calibration"])  # splits the model was fit or ranked on
 
 
 class SceneObject(NamedTuple):
