@@ -46,25 +46,38 @@ def _small_present(sample, question: str) -> bool:
     return any(o.label == f"shape:{shape}" and o.colour == colour and o.size <= SMALL_SIZE for o in sample.objects)
 
 
-@pytest.mark.parametrize("easy", [False, True])
-def test_complement_asks_the_same_scene_with_the_other_answer(easy):
+@pytest.mark.parametrize("mode", ["hard", "easy", "attribute"])
+def test_complement_asks_the_same_scene_with_the_other_answer(mode):
     samples = list(SynthVQA(12, 200))
+    attribute_questions = 0
     for s in samples:
-        c = complement(s, easy)
+        c = complement(s, mode)
         if s.family not in ("presence", "count"):
             assert c is None
             continue
         assert c.image is s.image and c.objects == s.objects and c.question != s.question
-        assert complement(s, easy).question == c.question  # deterministic
-        if s.family == "presence":
+        assert complement(s, mode).question == c.question  # deterministic
+        small = [o for o in s.objects if o.size <= SMALL_SIZE]
+        if s.family == "presence" and c.question.startswith("what colour is the small "):
+            assert mode == "attribute"
+            attribute_questions += 1
+            shape = c.question.rstrip("?").split()[-1]
+            of_shape = [o for o in small if o.label == f"shape:{shape}"]
+            assert len(of_shape) == 1 and c.answer == of_shape[0].colour  # one small object of that shape
+            asked = s.question.rstrip("?").split()[-1]
+            if sum(o.label == f"shape:{asked}" for o in small) == 1:
+                assert shape == asked  # the asked shape wherever it qualifies
+        elif s.family == "presence":
             assert {s.answer, c.answer} == {"yes", "no"}
+            if mode == "attribute":  # falls back to a hard pair only where no small shape is unique
+                shapes = [o.label for o in small]
+                assert all(shapes.count(x) > 1 for x in shapes)
             if (
                 c.answer == "no"
             ):  # a hard negative shares one attribute with a small object; an easy one never the colour
                 colour, shape = c.question.rstrip("?").split()[-2:]
-                small = [o for o in s.objects if o.size <= SMALL_SIZE]
                 shares = [o.colour == colour or o.label == f"shape:{shape}" for o in small]
-                assert not any(o.colour == colour for o in small) if easy else any(shares)
+                assert not any(o.colour == colour for o in small) if mode == "easy" else any(shares)
             # the annotation rule agrees with the generator's own answer and gives the complement's
             assert _small_present(s, s.question) == (s.answer == "yes")
             assert _small_present(c, c.question) == (c.answer == "yes")
@@ -72,19 +85,26 @@ def test_complement_asks_the_same_scene_with_the_other_answer(easy):
             for q in (s, c):
                 shape = q.question.split()[2][:-1]
                 assert int(q.answer) == sum(o.label == f"shape:{shape}" for o in s.objects)
+    assert (attribute_questions > 20) == (mode == "attribute")
 
 
-def test_task_batch_puts_each_complement_after_its_question():
+def test_complement_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="pair mode"):
+        complement(make_sample(0, 1), "colour")
+
+
+@pytest.mark.parametrize("mode", ["hard", "easy", "attribute"])
+def test_task_batch_puts_each_complement_after_its_question(mode):
     from envs.vlm.train import task_batch
 
     plain = task_batch(make_sample, 0, 3, 32, pairs="none")
-    paired = task_batch(make_sample, 0, 3, 32, pairs="hard")
+    paired = task_batch(make_sample, 0, 3, 32, pairs=mode)
     assert len(plain) == len(paired) == 32 and [s.id for s in plain] == [f"synthvqa-0-{96 + i}" for i in range(32)]
     for prev, s in zip(paired[:-1], paired[1:], strict=True):
         if s.id.endswith("-c"):
             assert s.id == prev.id + "-c" and s.image is prev.image
     assert sum(s.id.endswith("-c") for s in paired) >= 8
-    assert [s.question for s in paired] == [s.question for s in task_batch(make_sample, 0, 3, 32, pairs="hard")]
+    assert [s.question for s in paired] == [s.question for s in task_batch(make_sample, 0, 3, 32, pairs=mode)]
 
 
 def test_unknown_family():

@@ -222,25 +222,42 @@ def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
 SMALL_SIZE = 10.5  # the presence family's small objects are 10 px across (radius 5)
 
 
-def complement(sample: Sample, easy: bool = False) -> Sample | None:
-    """The same scene asked a question with another answer, or None where the family has none.
+PAIR_MODES = ("hard", "easy", "attribute")
+
+
+def complement(sample: Sample, mode: str = "hard") -> Sample | None:
+    """The same scene asked another question, or None where the family has none.
 
     Training aid in the spirit of VQAv2's balanced pairs: with both questions of a pair in one
-    batch, an answer that ignores the question's words is wrong on one of them. Presence: ask about
-    a small object the scene holds when the answer was "no", else about a small object it lacks:
-    sharing the colour or the shape (a hard negative, as the test questions have), or with `easy`,
+    batch, an answer that ignores the question's words is wrong on one of them. Presence ("hard"):
+    ask about a small object the scene holds when the answer was "no", else about a small object it
+    lacks, sharing the colour or the shape (a hard negative, as the test questions have); "easy":
     sharing neither where the scene allows (else only the shape), so that checking one attribute
-    already pays. Count: ask about another shape; the answer is counted from the annotation.
+    already pays; "attribute": ask the colour of a small object whose shape no other small object
+    has ("what colour is the small star?", the asked shape where it qualifies), else as "hard".
+    Models trained with hard or easy pairs matched the shape and ignored the colour (`README`); the
+    attribute question is the step presence needs, find the small object of a shape and read its
+    colour, with eight answers where presence gives one bit. Count: ask about another shape (every
+    mode); the answer is counted from the annotation.
     """
+    if mode not in PAIR_MODES:
+        raise ValueError(f"unknown pair mode {mode!r}; choose one of {PAIR_MODES}")
     rng = np.random.default_rng([zlib.crc32(sample.id.encode()), 7])  # stable across processes
     if sample.family == "presence":
         small = {(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE}
+        words = sample.question.rstrip("?").split()
+        colour, shape = words[-2], words[-1]
+        if mode == "attribute":
+            shapes = [o.label.split(":")[1] for o in sample.objects if o.size <= SMALL_SIZE]  # not the set
+            unique = sorted(x for x in set(shapes) if shapes.count(x) == 1)
+            if unique:
+                pick = shape if shape in unique else unique[int(rng.integers(len(unique)))]
+                answer = next(c for x, c in small if x == pick)
+                return _asked(sample, f"what colour is the small {pick}?", answer)
         if sample.answer == "no":
             shape, colour = sorted(small)[int(rng.integers(len(small)))]
             return _asked(sample, f"is there a small {colour} {shape}?", "yes")
-        words = sample.question.rstrip("?").split()
-        colour, shape = words[-2], words[-1]
-        if easy:
+        if mode == "easy":
             shapes = [x for x in SHAPES if x not in {s for s, _ in small}] or list(SHAPES)
             colours = [c for c in COLOURS if c not in {c for _, c in small}]
             options = [(x, c) for x in shapes for c in colours]

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.dense_scenes import make_dense_sample
-from envs.tasks.synthvqa import FAMILIES, SPLIT_SEEDS, SynthVQA, complement, make_sample
+from envs.tasks.synthvqa import FAMILIES, PAIR_MODES, SPLIT_SEEDS, SynthVQA, complement, make_sample
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.model import Preprocessed, preprocess_requests
@@ -39,7 +39,7 @@ from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.ranking import compute_ranking
 
 WARMUP_SCENES = ("task", "dense")
-COMPLEMENT_PAIRS = ("none", "hard", "easy")  # see synthvqa.complement
+COMPLEMENT_PAIRS = ("none", *PAIR_MODES)  # see synthvqa.complement
 DENSE_AUX_OFFSET = 10_000_000  # dense-scene indices of joint steps, apart from the warm-up's
 
 
@@ -64,7 +64,7 @@ class TrainArgs:
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
     probe_warmup: int = 0  # the first steps train the probe on detached vision tokens (for a probe started afresh)
     workers: int = 0  # > 0: processes that render and crop the next steps' scenes while this one trains (GPU)
-    complement_pairs: str = "none"  # none | hard | easy: see synthvqa.complement
+    complement_pairs: str = "none"  # none | hard | easy | attribute: see synthvqa.complement
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
@@ -207,14 +207,14 @@ def family_mix(weights: tuple[float, ...]):
 
 
 def task_batch(make, seed: int, step: int, size: int, pairs: str = "none") -> list:
-    """`size` samples of step `step`; with `pairs` "hard" or "easy", each complementable sample is
-    followed by its complement (`synthvqa.complement`)."""
+    """`size` samples of step `step`; with `pairs` other than "none" (a `synthvqa.complement` mode),
+    each complementable sample is followed by its complement."""
     batch, i = [], 0
     while len(batch) < size:
         sample = make(seed, step * size + i)
         batch.append(sample)
         i += 1
-        other = complement(sample, pairs == "easy") if pairs != "none" and len(batch) < size else None
+        other = complement(sample, pairs) if pairs != "none" and len(batch) < size else None
         if other is not None:
             batch.append(other)
     return batch
