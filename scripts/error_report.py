@@ -3,8 +3,10 @@
     python scripts/error_report.py --model tiny --seed 9 --n 1000 --out reports/errors_tiny_seed9.json
 
 Accuracy says how often a family fails; this says how: the most frequent (truth -> answer)
-confusions, accuracy per true answer, for numeric answers the signed error (answer - truth) and
-for yes/no answers the false-yes and false-no rates. Configs default to the full top-k and all
+confusions, accuracy per true answer, for numeric answers the signed error (answer - truth),
+for yes/no answers the false-yes and false-no rates, and for presence the accuracy by what the
+scene's small objects share with the question (a model that checks only the shape fails the
+"shape elsewhere" negatives). Configs default to the full top-k and all
 blocks at every tier, which shows what each tier adds. Prints a markdown table; --out FILE.json
 writes the report and the table beside it (FILE.md).
 """
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from envs.tasks.metrics import normalize_answer
-from envs.tasks.synthvqa import TRAINING_SEEDS, SynthVQA
+from envs.tasks.synthvqa import PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, presence_kind
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError, KnobError
 from envs.vlm.evaluate import Config, sweep
@@ -55,6 +57,14 @@ def family_errors(truths: Sequence[str], answers: Sequence[str], top: int = 8) -
     return out
 
 
+def accuracy_by_kind(kinds: Sequence[str], truths: Sequence[str], answers: Sequence[str]) -> dict:
+    """{kind: [accuracy, n]} over the kinds present, in PRESENCE_KINDS order."""
+    right: dict[str, list[bool]] = {}
+    for k, t, a in zip(kinds, truths, answers, strict=True):
+        right.setdefault(k, []).append(normalize_answer(t) == normalize_answer(a))
+    return {k: [sum(right[k]) / len(right[k]), len(right[k])] for k in PRESENCE_KINDS if k in right}
+
+
 def _answer_order(item):
     t = item[0]
     return (0, int(t), "") if t.isdigit() else (1, 0, t)
@@ -85,6 +95,14 @@ def markdown(report: dict) -> str:
             else:
                 bias = ""
             lines.append(f"| {name} | {fam} | {e['accuracy']:.3f} | {conf} | {bias} |")
+    kinds = [k for k in PRESENCE_KINDS if any(k in c.get("presence_by_kind", {}) for c in report["configs"])]
+    if kinds:
+        lines += ["", "Presence by what the scene's small objects share with the question (accuracy, n):", ""]
+        lines += ["| config | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for cfg in report["configs"]:
+            got = cfg.get("presence_by_kind", {})
+            cells = [f"{got[k][0]:.3f} ({got[k][1]})" if k in got else "-" for k in kinds]
+            lines.append(f"| {cfg['tier']}/{cfg['top_k']}/{cfg['blocks']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -124,7 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
             fam: family_errors([samples[i].answer for i in idx], [answers[i][j] for i in idx])
             for fam, idx in families.items()
         }
-        report["configs"].append({"tier": cfg.tier, "top_k": cfg.top_k, "blocks": cfg.blocks, "by_family": by_family})
+        row = {"tier": cfg.tier, "top_k": cfg.top_k, "blocks": cfg.blocks, "by_family": by_family}
+        if "presence" in families:
+            idx = families["presence"]
+            row["presence_by_kind"] = accuracy_by_kind(
+                [presence_kind(samples[i]) for i in idx], [samples[i].answer for i in idx], [answers[i][j] for i in idx]
+            )
+        report["configs"].append(row)
     table = markdown(report)
     print(table)
     if args.out:

@@ -9,7 +9,16 @@ from PIL import Image
 
 from envs.tasks.data import Sample, export_manifest, load_manifest, load_vqav2
 from envs.tasks.metrics import exact_match, normalize_answer, vqa_soft_accuracy
-from envs.tasks.synthvqa import FAMILIES, SMALL_SIZE, SynthVQA, complement, make_sample, vocabulary
+from envs.tasks.synthvqa import (
+    FAMILIES,
+    SMALL_SIZE,
+    SceneObject,
+    SynthVQA,
+    complement,
+    make_sample,
+    presence_kind,
+    vocabulary,
+)
 from envs.vlm.tokenizer import TextTokenizer, build_word_tokenizer
 
 
@@ -86,6 +95,32 @@ def test_complement_asks_the_same_scene_with_the_other_answer(mode):
                 shape = q.question.split()[2][:-1]
                 assert int(q.answer) == sum(o.label == f"shape:{shape}" for o in s.objects)
     assert (attribute_questions > 20) == (mode == "attribute")
+
+
+@pytest.mark.parametrize(
+    ("small", "kind"),
+    [
+        ([("star", "red"), ("circle", "blue")], "present"),
+        ([("star", "blue"), ("circle", "green")], "shape elsewhere"),
+        ([("circle", "red")], "colour elsewhere"),
+        ([("star", "blue"), ("circle", "red")], "both elsewhere"),
+        ([("circle", "blue")], "neither"),
+    ],
+)
+def test_presence_kind_says_what_the_small_objects_share_with_the_question(small, kind):
+    objects = [SceneObject(f"shape:{x}", c, 20.0 + 30 * i, 40.0, 10) for i, (x, c) in enumerate(small)]
+    objects.append(SceneObject("shape:star", "red", 120.0, 120.0, 30))  # a large red star is not small
+    s = Sample("t", None, "is there a small red star?", ["no"] * 10, "presence", tuple(objects))
+    assert presence_kind(s) == kind
+
+
+def test_presence_kind_matches_the_generators_answers_and_refuses_other_families():
+    for s in SynthVQA(5, 300):
+        if s.family == "presence":
+            assert (presence_kind(s) == "present") == (s.answer == "yes")
+            assert presence_kind(s) != "neither"  # every test negative is a hard one
+    with pytest.raises(ValueError, match="presence question"):
+        presence_kind(make_sample(5, 0, "colour"))
 
 
 def test_complement_refuses_an_unknown_mode():

@@ -367,17 +367,28 @@ def test_family_errors_counts_confusions_signed_errors_and_yes_bias():
         family_errors([], [])
 
 
+def test_accuracy_by_kind_keeps_the_kinds_order_and_normalises():
+    from scripts.error_report import accuracy_by_kind
+
+    got = accuracy_by_kind(["shape elsewhere", "present", "shape elsewhere"], ["no", "yes", "no"], ["yes", "Yes", "no"])
+    assert list(got) == ["present", "shape elsewhere"] and got["present"] == [1.0, 1]
+    assert got["shape elsewhere"] == [0.5, 2]
+
+
 def test_error_report_covers_every_family_per_config_and_refuses_bad_configs(tmp_path, capsys):
     from scripts.error_report import main as errors_main
 
     out = tmp_path / "errors.json"
     report = errors_main(["--seed", "9", "--n", "10", "--configs", "high/8/13", "low/1/5", "--out", str(out)])
     assert json.loads(out.read_text()) == report
-    assert out.with_suffix(".md").read_text().count("| high/8/13 |") == 5
+    assert out.with_suffix(".md").read_text().count("| high/8/13 |") == 6  # five families and the presence row
     assert [(c["tier"], c["top_k"], c["blocks"]) for c in report["configs"]] == [("high", 8, 13), ("low", 1, 5)]
     for cfg in report["configs"]:
         assert sorted(cfg["by_family"]) == ["colour", "count", "glyph", "presence", "sum"]
         assert sum(e["n"] for e in cfg["by_family"].values()) == 10
+        kinds, presence = cfg["presence_by_kind"], cfg["by_family"]["presence"]
+        assert sum(n for _, n in kinds.values()) == presence["n"] == 2
+        assert sum(a * n for a, n in kinds.values()) / 2 == pytest.approx(presence["accuracy"])
     assert "| high/8/13 | colour |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="top_k=3 is not offered"):
         errors_main(["--seed", "9", "--n", "2", "--configs", "high/3/13"])

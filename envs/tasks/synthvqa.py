@@ -222,6 +222,25 @@ def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
 SMALL_SIZE = 10.5  # the presence family's small objects are 10 px across (radius 5)
 
 
+PRESENCE_KINDS = ("present", "shape elsewhere", "colour elsewhere", "both elsewhere", "neither")
+
+
+def presence_kind(sample: Sample) -> str:
+    """What a presence scene's small objects share with the asked (colour, shape): "present", or for a
+    "no" which attribute some small object has ("shape elsewhere": a small star, none of them red).
+    Splits presence accuracy into what a model checks (scripts/error_report.py)."""
+    if sample.family != "presence":
+        raise ValueError(f"presence_kind needs a presence question, got family {sample.family!r}")
+    colour, shape = sample.question.rstrip("?").split()[-2:]
+    small = [(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE]
+    if (shape, colour) in small:
+        return "present"
+    has_shape, has_colour = any(x == shape for x, _ in small), any(c == colour for _, c in small)
+    return {(True, False): "shape elsewhere", (False, True): "colour elsewhere", (True, True): "both elsewhere"}.get(
+        (has_shape, has_colour), "neither"
+    )
+
+
 PAIR_MODES = ("hard", "easy", "attribute")
 
 
