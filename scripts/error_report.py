@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     families = {
         fam: [i for i, s in enumerate(samples) if s.family == fam] for fam in sorted({s.family for s in samples})
     }
+    presence = families.get("presence", [])
+    kinds = [presence_kind(samples[i]) for i in presence]  # the same for every config
     report = {"model": str(args.model), "seed": args.seed, "n": args.n, "configs": []}
     for j, cfg in enumerate(configs):
         by_family = {
@@ -143,10 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
             for fam, idx in families.items()
         }
         row = {"tier": cfg.tier, "top_k": cfg.top_k, "blocks": cfg.blocks, "by_family": by_family}
-        if "presence" in families:
-            idx = families["presence"]
+        if presence:
             row["presence_by_kind"] = accuracy_by_kind(
-                [presence_kind(samples[i]) for i in idx], [samples[i].answer for i in idx], [answers[i][j] for i in idx]
+                kinds, [samples[i].answer for i in presence], [answers[i][j] for i in presence]
             )
         report["configs"].append(row)
     table = markdown(report)

@@ -222,6 +222,17 @@ def make_sample(seed: int, index: int, family: str | None = None) -> Sample:
 SMALL_SIZE = 10.5  # the presence family's small objects are 10 px across (radius 5)
 
 
+def _small_objects(sample: Sample) -> list[tuple[str, str]]:
+    """(shape, colour) of every small object in the scene, repeats kept."""
+    return [(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE]
+
+
+def _asked_object(question: str) -> tuple[str, str]:
+    """(colour, shape) of "is there a small <colour> <shape>?"."""
+    colour, shape = question.rstrip("?").split()[-2:]
+    return colour, shape
+
+
 PRESENCE_KINDS = ("present", "shape elsewhere", "colour elsewhere", "both elsewhere", "neither")
 
 
@@ -231,8 +242,8 @@ def presence_kind(sample: Sample) -> str:
     Splits presence accuracy into what a model checks (scripts/error_report.py)."""
     if sample.family != "presence":
         raise ValueError(f"presence_kind needs a presence question, got family {sample.family!r}")
-    colour, shape = sample.question.rstrip("?").split()[-2:]
-    small = [(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE]
+    colour, shape = _asked_object(sample.question)
+    small = _small_objects(sample)
     if (shape, colour) in small:
         return "present"
     has_shape, has_colour = any(x == shape for x, _ in small), any(c == colour for _, c in small)
@@ -263,11 +274,11 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         raise ValueError(f"unknown pair mode {mode!r}; choose one of {PAIR_MODES}")
     rng = np.random.default_rng([zlib.crc32(sample.id.encode()), 7])  # stable across processes
     if sample.family == "presence":
-        small = {(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE}
-        words = sample.question.rstrip("?").split()
-        colour, shape = words[-2], words[-1]
+        objects = _small_objects(sample)
+        small = set(objects)
+        colour, shape = _asked_object(sample.question)
         if mode == "attribute":
-            shapes = [o.label.split(":")[1] for o in sample.objects if o.size <= SMALL_SIZE]  # not the set
+            shapes = [x for x, _ in objects]  # with repeats: two green triangles are not "the small triangle"
             unique = sorted(x for x in set(shapes) if shapes.count(x) == 1)
             if unique:
                 pick = shape if shape in unique else unique[int(rng.integers(len(unique)))]
