@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 W=envs/vlm/weights/tiny
 if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
-  # (1-10 and 12 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
+  # (1-10 and 12-15 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
-  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-12. see below. (The shipped run of stage 4
+  # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-15. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
   # first 750 steps had no --dense-aux-batch; this line is the recipe as it ended.)
   stage() {  # stage OUT ARGS...: train unless OUT/model exists (a half-finished stage resumes)
@@ -68,6 +68,20 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   stage runs/tiny_vlm_mix12 --init runs/tiny_vlm_mix11/model --device cpu --steps 2400 --batch-size 16 --full-steps 0 \
     --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 800 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
     --complement-pairs easy --norm-cap 20 --family-weights 0.3 3 2.5 1.5 3 --tier-weights 0.4 0.8 1.6 --seed 12 \
+    --ship "$W"
+  # 13. from the shipped stage 12 (float16, with its probe), the same recipe with count weighted more, 2400 steps.
+  stage runs/tiny_vlm_mix13 --init "$W" --device cpu --steps 2400 --max-minutes 70 --batch-size 16 --full-steps 0 \
+    --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 800 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
+    --complement-pairs easy --norm-cap 20 --family-weights 0.3 2.5 2.5 2 3 --tier-weights 0.4 0.8 1.6 --seed 13
+  # 14. attribute pairs (a presence question's partner asks the colour of a small shape: presence had
+  # matched the shape alone), the full config on 75% of batches, presence weighted more; 1800 steps (57 min).
+  stage runs/tiny_vlm_mix14 --init runs/tiny_vlm_mix13/model --device cpu --steps 1800 --max-minutes 78 --batch-size 16 \
+    --full-steps 0 --p-full 0.75 --lr 3e-4 --warmup 30 --val-every 900 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
+    --complement-pairs attribute --norm-cap 20 --family-weights 0.3 3 2.5 2 3 --tier-weights 0.4 0.8 1.6 --seed 21
+  # 15. colour and the low tier weighted back up (stage 14 lost colour at the low tier), lr 2.5e-4, 1500 steps.
+  stage runs/tiny_vlm_mix15 --init runs/tiny_vlm_mix14/model --device cpu --steps 1500 --max-minutes 62 --batch-size 16 \
+    --full-steps 0 --p-full 0.7 --lr 2.5e-4 --warmup 30 --val-every 750 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
+    --complement-pairs attribute --norm-cap 20 --family-weights 0.8 3 2.5 2 3 --tier-weights 0.7 0.8 1.6 --seed 22 \
     --ship "$W"
 fi
 # Latency depends on shapes, not weights: a profile timed on a quiet machine can be kept for retrained
