@@ -67,10 +67,10 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # (68 min), count and sum weighted more (family weights 0.3 / 3 / 2.5 / 1.5 / 3).
   stage runs/tiny_vlm_mix12 --init runs/tiny_vlm_mix11/model --device cpu --steps 2400 --batch-size 16 --full-steps 0 \
     --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 800 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
-    --complement-pairs easy --norm-cap 20 --family-weights 0.3 3 2.5 1.5 3 --tier-weights 0.4 0.8 1.6 --seed 12 \
-    --ship "$W"
-  # 13. from the shipped stage 12 (float16, with its probe), the same recipe with count weighted more, 2400 steps.
-  stage runs/tiny_vlm_mix13 --init "$W" --device cpu --steps 2400 --max-minutes 70 --batch-size 16 --full-steps 0 \
+    --complement-pairs easy --norm-cap 20 --family-weights 0.3 3 2.5 1.5 3 --tier-weights 0.4 0.8 1.6 --seed 12
+  # 13. the stage-12 recipe with count weighted more, 2400 steps. (The run started from stage 12 as shipped,
+  # the same float16 weights and probe that runs/tiny_vlm_mix12/model holds; "$W" would be stage 15 by now.)
+  stage runs/tiny_vlm_mix13 --init runs/tiny_vlm_mix12/model --device cpu --steps 2400 --max-minutes 70 --batch-size 16 --full-steps 0 \
     --p-full 0.5 --lr 3e-4 --warmup 30 --val-every 800 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
     --complement-pairs easy --norm-cap 20 --family-weights 0.3 2.5 2.5 2 3 --tier-weights 0.4 0.8 1.6 --seed 13
   # 14. attribute pairs (a presence question's partner asks the colour of a small shape: presence had
