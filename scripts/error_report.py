@@ -6,7 +6,9 @@ Accuracy says how often a family fails; this says how: the most frequent (truth 
 confusions, accuracy per true answer, for numeric answers the signed error (answer - truth),
 for yes/no answers the false-yes and false-no rates, and for presence the accuracy by what the
 scene's small objects share with the question (a model that checks only the shape fails the
-"shape elsewhere" negatives). Configs default to the full top-k and all
+"shape elsewhere" negatives) and, on the same scenes, how well it names the colour of a small
+shape ("what colour is the small star?", the attribute training question): the step presence
+needs, asked on its own. Configs default to the full top-k and all
 blocks at every tier, which shows what each tier adds. Prints a markdown table; --out FILE.json
 writes the report and the table beside it (FILE.md).
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from envs.tasks.metrics import normalize_answer
-from envs.tasks.synthvqa import PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, presence_kind
+from envs.tasks.synthvqa import PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, complement, presence_kind
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError, KnobError
 from envs.vlm.evaluate import Config, sweep
@@ -103,6 +105,12 @@ def markdown(report: dict) -> str:
             got = cfg.get("presence_by_kind", {})
             cells = [f"{got[k][0]:.3f} ({got[k][1]})" if k in got else "-" for k in kinds]
             lines.append(f"| {cfg['tier']}/{cfg['top_k']}/{cfg['blocks']} | " + " | ".join(cells) + " |")
+    if any("small_colour" in c for c in report["configs"]):
+        lines += ["", 'Colour of a small shape on the presence scenes ("what colour is the small star?"):', ""]
+        lines += ["| config | accuracy | n |", "|---|---|---|"]
+        for cfg in report["configs"]:
+            acc, n = cfg["small_colour"]
+            lines.append(f"| {cfg['tier']}/{cfg['top_k']}/{cfg['blocks']} | {acc:.3f} | {n} |")
     return "\n".join(lines)
 
 
@@ -129,8 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     knobs = model.cfg.knob_lists()
     configs = args.configs or [Config(t, max(knobs["top_k"]), max(knobs["blocks"])) for t in knobs["tier"]]
     samples = list(SynthVQA(args.seed, args.n))
+    asked = [complement(s, "attribute") for s in samples if s.family == "presence"]
+    colour_questions = [c for c in asked if c is not None and c.question.startswith("what colour is the small")]
     try:
-        answers, _, _ = sweep(model, samples, configs)  # checks every config's knobs before any work
+        answers, _, _ = sweep(model, samples + colour_questions, configs)  # checks every config's knobs before any work
     except KnobError as e:
         sys.exit(f"error: {e}")
     families = {
@@ -149,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
             row["presence_by_kind"] = accuracy_by_kind(
                 kinds, [samples[i].answer for i in presence], [answers[i][j] for i in presence]
             )
+        if colour_questions:
+            said = [answers[len(samples) + i][j] for i in range(len(colour_questions))]
+            right = [
+                normalize_answer(a) == normalize_answer(c.answer) for c, a in zip(colour_questions, said, strict=True)
+            ]
+            row["small_colour"] = [sum(right) / len(right), len(right)]
         report["configs"].append(row)
     table = markdown(report)
     print(table)

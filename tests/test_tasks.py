@@ -10,6 +10,7 @@ from PIL import Image
 from envs.tasks.data import Sample, export_manifest, load_manifest, load_vqav2
 from envs.tasks.metrics import exact_match, normalize_answer, vqa_soft_accuracy
 from envs.tasks.synthvqa import (
+    COLOURS,
     FAMILIES,
     SMALL_SIZE,
     SceneObject,
@@ -97,6 +98,35 @@ def test_complement_asks_the_same_scene_with_the_other_answer(mode):
     assert (attribute_questions > 20) == (mode == "attribute")
 
 
+def test_recolour_pairs_repaint_one_small_object_and_flip_the_answer():
+    kinds, shown = Counter(), 0
+    for s in SynthVQA(12, 600, families=("presence",)):
+        c = complement(s, "recolour")
+        assert c.id == s.id + "-c" and complement(s, "recolour").question == c.question  # deterministic
+        if c.question != s.question:  # no small object of the asked shape: an attribute question instead
+            assert presence_kind(s) == "colour elsewhere"
+            kinds["other"] += 1
+            continue
+        before, after = np.asarray(s.image).astype(int), np.asarray(c.image).astype(int)
+        changed = (before != after).any(-1)
+        repainted = [(o, p) for o, p in zip(s.objects, c.objects, strict=True) if o != p]
+        assert len(repainted) == 1  # one annotation changes, only its colour
+        old, new = repainted[0]
+        assert new == old._replace(colour=new.colour) and new.colour != old.colour
+        ys, xs = np.nonzero(changed)
+        assert 40 <= changed.sum() <= 110  # the whole 10 px shape, nothing else
+        assert abs(ys.mean() - old.cy) < 1.5 and abs(xs.mean() - old.cx) < 1.5
+        assert (after[changed] == COLOURS[new.colour]).all() and (before[changed] == COLOURS[old.colour]).all()
+        assert c.answer != s.answer and _small_present(c, c.question) == (c.answer == "yes")
+        kinds[(presence_kind(s), presence_kind(c))] += 1
+        shown += 1
+    assert set(kinds) <= {
+        ("present", "shape elsewhere"), ("present", "both elsewhere"), ("shape elsewhere", "present"),
+        ("both elsewhere", "present"), "other",
+    }  # fmt: skip
+    assert shown > 0.8 * sum(kinds.values())  # most presence questions get an image pair
+
+
 @pytest.mark.parametrize(
     ("small", "kind"),
     [
@@ -128,7 +158,7 @@ def test_complement_refuses_an_unknown_mode():
         complement(make_sample(0, 1), "colour")
 
 
-@pytest.mark.parametrize("mode", ["hard", "easy", "attribute"])
+@pytest.mark.parametrize("mode", ["hard", "easy", "attribute", "recolour"])
 def test_task_batch_puts_each_complement_after_its_question(mode):
     from envs.vlm.train import task_batch
 
@@ -137,7 +167,8 @@ def test_task_batch_puts_each_complement_after_its_question(mode):
     assert len(plain) == len(paired) == 32 and [s.id for s in plain] == [f"synthvqa-0-{96 + i}" for i in range(32)]
     for prev, s in zip(paired[:-1], paired[1:], strict=True):
         if s.id.endswith("-c"):
-            assert s.id == prev.id + "-c" and s.image is prev.image
+            assert s.id == prev.id + "-c" and (s.image is prev.image or mode == "recolour")
+            assert s.image.size == prev.image.size
     assert sum(s.id.endswith("-c") for s in paired) >= 8
     assert [s.question for s in paired] == [s.question for s in task_batch(make_sample, 0, 3, 32, pairs=mode)]
 

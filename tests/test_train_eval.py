@@ -381,7 +381,13 @@ def test_error_report_covers_every_family_per_config_and_refuses_bad_configs(tmp
     out = tmp_path / "errors.json"
     report = errors_main(["--seed", "9", "--n", "10", "--configs", "high/8/13", "low/1/5", "--out", str(out)])
     assert json.loads(out.read_text()) == report
-    assert out.with_suffix(".md").read_text().count("| high/8/13 |") == 6  # five families and the presence row
+    from envs.tasks.synthvqa import SynthVQA, complement
+
+    asked = [complement(s, "attribute") for s in SynthVQA(9, 10) if s.family == "presence"]
+    colour_questions = sum(c.question.startswith("what colour is the small") for c in asked)
+    assert colour_questions >= 1  # else the small-colour table below is not exercised
+    # five families, the presence row and the small-colour row
+    assert out.with_suffix(".md").read_text().count("| high/8/13 |") == 7
     assert [(c["tier"], c["top_k"], c["blocks"]) for c in report["configs"]] == [("high", 8, 13), ("low", 1, 5)]
     for cfg in report["configs"]:
         assert sorted(cfg["by_family"]) == ["colour", "count", "glyph", "presence", "sum"]
@@ -389,6 +395,8 @@ def test_error_report_covers_every_family_per_config_and_refuses_bad_configs(tmp
         kinds, presence = cfg["presence_by_kind"], cfg["by_family"]["presence"]
         assert sum(n for _, n in kinds.values()) == presence["n"] == 2
         assert sum(a * n for a, n in kinds.values()) / 2 == pytest.approx(presence["accuracy"])
+        acc, n = cfg["small_colour"]
+        assert n == colour_questions and acc * n == pytest.approx(round(acc * n))
     assert "| high/8/13 | colour |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="top_k=3 is not offered"):
         errors_main(["--seed", "9", "--n", "2", "--configs", "high/3/13"])

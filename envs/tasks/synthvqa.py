@@ -252,7 +252,7 @@ def presence_kind(sample: Sample) -> str:
     )
 
 
-PAIR_MODES = ("hard", "easy", "attribute")
+PAIR_MODES = ("hard", "easy", "attribute", "recolour")
 
 
 def complement(sample: Sample, mode: str = "hard") -> Sample | None:
@@ -267,7 +267,12 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
     has ("what colour is the small star?", the asked shape where it qualifies), else as "hard".
     Models trained with hard or easy pairs matched the shape and ignored the colour (`README`); the
     attribute question is the step presence needs, find the small object of a shape and read its
-    colour, with eight answers where presence gives one bit. Count: ask about another shape (every
+    colour, with eight answers where presence gives one bit. "recolour": the same question about the
+    scene with one small object repainted (a minimal image pair, as in counterfactual VQA data): a
+    "yes" scene's asked object in another colour (answer "no"), or a "no" scene's small object of
+    the asked shape in the asked colour ("yes"); as "attribute" where no small object has the asked
+    shape. Stage-15 models read a small shape's colour (0.88) yet took the shape alone for presence;
+    here only the colour at one object changes the answer. Count: ask about another shape (every
     mode); the answer is counted from the annotation.
     """
     if mode not in PAIR_MODES:
@@ -277,6 +282,15 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         objects = _small_objects(sample)
         small = set(objects)
         colour, shape = _asked_object(sample.question)
+        if mode == "recolour":
+            of_shape = [o for o in sample.objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}"]
+            if of_shape:
+                target = of_shape[int(rng.integers(len(of_shape)))]
+                if sample.answer == "yes":
+                    target = next(o for o in of_shape if o.colour == colour)
+                    return _repainted(sample, target, _pick(rng, COLOURS, [colour]), "no")
+                return _repainted(sample, target, colour, "yes")
+            mode = "attribute"
         if mode == "attribute":
             shapes = [x for x, _ in objects]  # with repeats: two green triangles are not "the small triangle"
             unique = sorted(x for x in set(shapes) if shapes.count(x) == 1)
@@ -302,6 +316,19 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         n = sum(o.label == f"shape:{shape}" for o in sample.objects)
         return _asked(sample, f"how many {shape}s are there?", str(n))
     return None
+
+
+def _repainted(sample: Sample, target: SceneObject, colour: str, answer: str) -> Sample:
+    """The sample's question about its scene with `target` (a flat-filled shape; objects never
+    overlap) repainted in `colour`; the background's noise never equals a palette colour."""
+    pixels = np.array(sample.image)
+    r = target.size / 2 + 1
+    y0, y1 = max(int(target.cy - r), 0), int(math.ceil(target.cy + r)) + 1
+    x0, x1 = max(int(target.cx - r), 0), int(math.ceil(target.cx + r)) + 1
+    box = pixels[y0:y1, x0:x1]
+    box[(box == COLOURS[target.colour]).all(-1)] = COLOURS[colour]
+    objects = tuple(o._replace(colour=colour) if o is target else o for o in sample.objects)
+    return Sample(sample.id + "-c", Image.fromarray(pixels), sample.question, [answer] * 10, sample.family, objects)
 
 
 def _asked(sample: Sample, question: str, answer: str) -> Sample:

@@ -64,7 +64,7 @@ class TrainArgs:
     dense_aux_batch: int = 0  # dense scenes added to each joint step's vision loss (keeps rare classes alive)
     probe_warmup: int = 0  # the first steps train the probe on detached vision tokens (for a probe started afresh)
     workers: int = 0  # > 0: processes that render and crop the next steps' scenes while this one trains (GPU)
-    complement_pairs: str = "none"  # none | hard | easy | attribute: see synthvqa.complement
+    complement_pairs: str = "none"  # none | hard | easy | attribute | recolour: see synthvqa.complement
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
