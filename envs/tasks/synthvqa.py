@@ -271,9 +271,9 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
     scene with one small object repainted (a minimal image pair, as in counterfactual VQA data): a
     "yes" scene's asked object in another colour (answer "no"), or a "no" scene's small object of
     the asked shape in the asked colour ("yes"); as "attribute" where no small object has the asked
-    shape. Stage-15 models read a small shape's colour (0.88) yet took the shape alone for presence;
-    here only the colour at one object changes the answer. Count: ask about another shape (every
-    mode); the answer is counted from the annotation.
+    shape. Stage 15 names a small shape's colour (0.92 at the high tier, `reports/errors_stage15_seed9.md`)
+    yet answers presence from the shape; here only the colour at one object changes the answer.
+    Count: ask about another shape (every mode); the answer is counted from the annotation.
     """
     if mode not in PAIR_MODES:
         raise ValueError(f"unknown pair mode {mode!r}; choose one of {PAIR_MODES}")
@@ -285,11 +285,11 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         if mode == "recolour":
             of_shape = [o for o in sample.objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}"]
             if of_shape:
-                target = of_shape[int(rng.integers(len(of_shape)))]
-                if sample.answer == "yes":
-                    target = next(o for o in of_shape if o.colour == colour)
-                    return _repainted(sample, target, _pick(rng, COLOURS, [colour]), "no")
-                return _repainted(sample, target, colour, "yes")
+                pick = of_shape[int(rng.integers(len(of_shape)))]  # drawn either way: stage 16's pairs
+                if sample.answer == "no":
+                    return _repainted(sample, pick, colour, "yes")
+                match = next(o for o in of_shape if o.colour == colour)  # the generator draws exactly one
+                return _repainted(sample, match, _pick(rng, COLOURS, [colour]), "no")
             mode = "attribute"
         if mode == "attribute":
             shapes = [x for x, _ in objects]  # with repeats: two green triangles are not "the small triangle"
