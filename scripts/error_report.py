@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     asked = [complement(s, "attribute") for s in samples if s.family == "presence"]
     colour_questions = [c for c in asked if c is not None and c.question.startswith("what colour is the small")]
     try:
-        answers, _, _ = sweep(model, samples + colour_questions, configs)  # checks every config's knobs before any work
+        answers, exact, _ = sweep(
+            model, samples + colour_questions, configs
+        )  # checks every config's knobs before any work
     except KnobError as e:
         sys.exit(f"error: {e}")
     families = {
@@ -160,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
                 kinds, [samples[i].answer for i in presence], [answers[i][j] for i in presence]
             )
         if colour_questions:
-            said = [answers[len(samples) + i][j] for i in range(len(colour_questions))]
-            right = [
-                normalize_answer(a) == normalize_answer(c.answer) for c, a in zip(colour_questions, said, strict=True)
-            ]
-            row["small_colour"] = [sum(right) / len(right), len(right)]
+            row["small_colour"] = [float(exact[len(samples) :, j].sum()) / len(colour_questions), len(colour_questions)]
         report["configs"].append(row)
     table = markdown(report)
     print(table)
