@@ -27,6 +27,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
         elif f.name == "family_weights":
             names = tuple(n.upper() for n in FAMILIES)
             ap.add_argument(flag, type=float, nargs=len(FAMILIES), default=f.default, metavar=names)
+        elif f.name == "attn_layers":
+            ap.add_argument(flag, type=int, nargs="+", default=f.default, metavar="LAYER")
         elif hints[f.name] is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif hints[f.name] in (Path, Path | None):
@@ -34,7 +36,14 @@ def parse(argv: list[str] | None) -> TrainArgs:
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
     ns = ap.parse_args(argv)
-    args = TrainArgs(**{**vars(ns), "tier_weights": tuple(ns.tier_weights), "family_weights": tuple(ns.family_weights)})
+    args = TrainArgs(
+        **{
+            **vars(ns),
+            "tier_weights": tuple(ns.tier_weights),
+            "family_weights": tuple(ns.family_weights),
+            "attn_layers": tuple(ns.attn_layers),
+        }
+    )
     if args.steps <= 0 or args.batch_size <= 0:
         ap.error("--steps and --batch-size must be positive")
     if (args.vision_steps > 0 or args.dense_aux_batch > 0) and args.aux_weight <= 0:

@@ -204,6 +204,9 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
         ["--family-weights", "1", "1"],
         ["--steps", "10", "--stop-at", "11"],
         ["--workers", "-1"],
+        ["--attn-layers", "2", "16"],
+        ["--attn-head", "4"],
+        ["--attn-weight", "-0.1"],
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
@@ -212,6 +215,14 @@ def test_train_vlm_refuses_contradictory_flags(argv, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_train_vlm_reads_guided_layers_as_a_tuple():
+    from scripts.train_vlm import parse
+
+    args = parse(["--attn-weight", "0.3", "--attn-layers", "2", "7", "--attn-head", "0"])
+    assert (args.attn_weight, args.attn_layers, args.attn_head) == (0.3, (2, 7), 0)
+    assert parse([]).attn_layers == (2,) and parse([]).attn_weight == 0.0
 
 
 def test_family_mix_draws_families_by_weight_and_keeps_the_cycle_when_equal():

@@ -68,3 +68,12 @@ def token_targets(
                 # a token inside a large object sees a patch of colour: its class is asked where the centre is
                 cls[v, i, j] = CLASSES.index(chosen.label) if centred else IGNORE
     return cls.reshape(-1), col.reshape(-1)
+
+
+def object_token_mask(
+    objects: tuple[SceneObject, ...], crops: Crops, tokens_per_side: int, min_px: float = MIN_LEGIBLE_PX
+) -> np.ndarray:
+    """Bool [n_crops * tokens_per_side**2]: the vision tokens that show one of `objects` (its centre or
+    its extent, where it is legible on that crop), in the connector's token order."""
+    _, colour = token_targets(tuple(objects), crops, tokens_per_side, min_px)
+    return colour > 0

@@ -233,6 +233,30 @@ def _asked_object(question: str) -> tuple[str, str]:
     return colour, shape
 
 
+def asked_objects(sample: Sample) -> tuple[SceneObject, ...]:
+    """The objects whose presence answers a question, the ones a reader has to look at: the largest
+    shape (colour), the small object of the asked colour and shape (presence: none on a "no"), the
+    small objects of the asked shape ("what colour is the small <shape>?"), the objects of the asked
+    shape (count), the letter (glyph), the digits (sum). Guided-attention training points the answer
+    position at them (`envs/vlm/attention_guide.py`)."""
+    objects, family = sample.objects, sample.family
+    if family == "colour":
+        return (max(objects, key=lambda o: o.size),)
+    if family == "presence" and sample.question.startswith("is there"):
+        colour, shape = _asked_object(sample.question)
+        return tuple(o for o in objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}" and o.colour == colour)
+    if family == "presence":  # its attribute partner
+        shape = sample.question.rstrip("?").split()[-1]
+        return tuple(o for o in objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}")
+    if family == "count":
+        shape = sample.question.split()[2][:-1]  # "how many circles are there?"
+        return tuple(o for o in objects if o.label == f"shape:{shape}")
+    if family in ("glyph", "sum"):
+        kind = "letter:" if family == "glyph" else "digit:"
+        return tuple(o for o in objects if o.label.startswith(kind))
+    raise ValueError(f"asked_objects needs a SynthVQA family {FAMILIES}, got {family!r}")
+
+
 PRESENCE_KINDS = ("present", "shape elsewhere", "colour elsewhere", "both elsewhere", "neither")
 
 

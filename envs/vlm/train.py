@@ -32,10 +32,11 @@ from tqdm import tqdm
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.dense_scenes import make_dense_sample
 from envs.tasks.synthvqa import FAMILIES, PAIR_MODES, SPLIT_SEEDS, SynthVQA, complement, make_sample
+from envs.vlm.attention_guide import AttentionGuide, guide_masks
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.model import Preprocessed, preprocess_requests
-from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
+from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS, get_preset
 from envs.vlm.ranking import compute_ranking
 
 WARMUP_SCENES = ("task", "dense")
@@ -67,6 +68,9 @@ class TrainArgs:
     complement_pairs: str = "none"  # none | hard | easy | attribute | recolour: see synthvqa.complement
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this (see AnswerNormPenalty)
     norm_weight: float = 0.1
+    attn_weight: float = 0.0  # > 0: guide where the answer position looks (see envs/vlm/attention_guide.py)
+    attn_layers: tuple[int, ...] = (2,)  # layers whose `attn_head` is guided (0-2 run in every config)
+    attn_head: int = 1
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     family_weights: tuple[float, ...] = (1.0,) * len(FAMILIES)  # task mix, in FAMILIES order; equal: cycle
     seed: int = 0
@@ -92,6 +96,11 @@ class TrainArgs:
             raise ValueError(f"stop_at must lie in 0..steps ({self.steps}), got {self.stop_at}")
         if self.warmup_scenes not in WARMUP_SCENES:
             raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {self.warmup_scenes!r}")
+        llm = get_preset(self.preset).llm
+        if self.attn_weight < 0 or not self.attn_layers or not 0 <= self.attn_head < llm.heads:
+            raise ValueError(f"attn_weight must be >= 0, attn_layers non-empty and attn_head in 0..{llm.heads - 1}")
+        if any(not 0 <= i < llm.layers for i in self.attn_layers):
+            raise ValueError(f"attn_layers must lie in 0..{llm.layers - 1}, got {self.attn_layers}")
         family_mix(self.family_weights)
 
 
@@ -184,6 +193,19 @@ class AnswerNormPenalty:
         return torch.stack(self.terms).mean()
 
 
+def hooks(*each):
+    """One `on_layer` hook calling every one of `each` that is not None (None if none is)."""
+    live = [h for h in each if h is not None]
+    if not live:
+        return None
+
+    def each_hook(layer: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        for hook in live:
+            hook(layer, h_in, h_out)
+
+    return each_hook
+
+
 def family_mix(weights: tuple[float, ...]):
     """A `make(seed, index)` drawing each sample's family with these weights (FAMILIES order).
 
@@ -254,6 +276,7 @@ class StepInputs:
     targets: tuple[np.ndarray, np.ndarray]
     dense_pre: Preprocessed | None  # the dense scenes of a joint step's vision loss
     dense_targets: tuple[np.ndarray, np.ndarray] | None
+    guide_masks: list | None = None  # the asked objects' vision tokens (attention guide), per sample
 
 
 class StepMaker(Dataset):
@@ -289,7 +312,10 @@ class StepMaker(Dataset):
                 [make_dense_sample(seed, first + i) for i in range(args.dense_aux_batch)],
                 tier,
             )
-        return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets)
+        masks = None
+        if not warm_up and args.attn_weight > 0:
+            masks = guide_masks(batch, pre.crops, self.cfg.vision.tokens_per_side)
+        return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets, masks)
 
 
 def _as_made(item):
@@ -398,8 +424,17 @@ def train(args: TrainArgs) -> Path:
             loss, shown = aux, {}  # the LLM is not run: vision warm-up
         else:
             norm = AnswerNormPenalty(prepared, args.norm_cap) if args.norm_cap > 0 else None
-            answer = model.answer_loss(prepared, layers, top_k, on_layer=norm)
+            guide = None
+            if step_in.guide_masks is not None:
+                guide = AttentionGuide(model, pre, prepared, step_in.guide_masks, args.attn_layers, args.attn_head)
+            answer = model.answer_loss(prepared, layers, top_k, on_layer=hooks(norm, guide))
             loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
+            if guide is not None:
+                guided = guide.value()
+                loss = loss + args.attn_weight * guided
+                shown["attn"] = guided.item()
+                writer.add_scalar("train/attention_guide", shown["attn"], step)
+                writer.add_scalar("train/attention_mass", guide.mass, step)
             writer.add_scalar("train/loss", shown["answer"], step)
             if norm is not None:
                 penalty = norm.value()
