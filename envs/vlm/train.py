@@ -429,7 +429,7 @@ def train(args: TrainArgs) -> Path:
                 guide = AttentionGuide(model, pre, prepared, step_in.guide_masks, args.attn_layers, args.attn_head)
             answer = model.answer_loss(prepared, layers, top_k, on_layer=hooks(norm, guide))
             loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
-            if guide is not None:
+            if guide is not None and guide.terms:  # no term when no guided layer ran or no row has a target
                 guided = guide.value()
                 loss = loss + args.attn_weight * guided
                 shown["attn"] = guided.item()
