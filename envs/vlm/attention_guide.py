@@ -25,6 +25,7 @@ from torch import nn
 from envs.tasks.dense_labels import object_token_mask
 from envs.tasks.synthvqa import asked_objects
 from envs.vlm.model import Prepared, Preprocessed
+from envs.vlm.staged import rotate_half
 
 
 def answer_positions(targets: torch.Tensor) -> torch.Tensor:
@@ -33,11 +34,6 @@ def answer_positions(targets: torch.Tensor) -> torch.Tensor:
     if not predicts.any(dim=1).all():
         raise ValueError("every row needs a teacher-forced answer")
     return predicts.int().argmax(dim=1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def answer_attention(layer: nn.Module, h_in: torch.Tensor, position_embeddings, valid, query: torch.Tensor):
@@ -56,8 +52,8 @@ def answer_attention(layer: nn.Module, h_in: torch.Tensor, position_embeddings, 
     q = q.view(b, -1, attn.head_dim)  # [B, H, hd]
     k = k.view(b, t, -1, attn.head_dim).transpose(1, 2)  # [B, H, T, hd]
     cos, sin = position_embeddings  # [B, T, hd]
-    q = q * cos[rows, query][:, None] + _rotate_half(q) * sin[rows, query][:, None]
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    q = q * cos[rows, query][:, None] + rotate_half(q) * sin[rows, query][:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     scores = torch.einsum("bhd,bhtd->bht", q, k).float() * attn.scaling
     seen = valid & (torch.arange(t, device=h_in.device)[None] <= query[:, None])
     return torch.softmax(scores.masked_fill(~seen[:, None], float("-inf")), dim=-1)

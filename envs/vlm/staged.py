@@ -95,7 +95,7 @@ def run_layer(layer: nn.Module, h, position_embeddings, mask, cache: KVCache | N
     return h + moe_forward(layer.mlp, layer.post_attention_layernorm(h), top_k)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
@@ -121,7 +121,7 @@ def one_token_layer(layer: nn.Module, h, cos, sin, past_k, past_v, mask, top_k: 
     if attn.config.clip_qkv is not None:
         q, k, v = (t.clamp(-attn.config.clip_qkv, attn.config.clip_qkv) for t in (q, k, v))
     cos, sin = cos[:, None, None], sin[:, None, None]
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], scale=attn.scaling)
     h = h + attn.o_proj(out.reshape(b, -1))
