@@ -4,7 +4,7 @@ Why: stage 15 names the colour of a small shape at 0.92 (high tier) yet rejects 
 presence scenes whose small star has another colour than the one asked (`reports/errors_stage15_seed9.md`):
 the vision tokens carry shape and colour, but the answer position does not read the asked object's.
 More presence questions and minimal image pairs did not change that. Here one attention head of
-the answer position, at layers every config runs, is told which vision tokens show the objects the
+the answer position (by default at layer 2, which every config runs) is told which vision tokens show the objects the
 question is about (`synthvqa.asked_objects`), or, where the scene has none, the first token (a null
 target): the loss is -log of the attention mass there, as supervised-attention VQA models train
 attention maps toward where people looked. For presence the target is the small object of the
@@ -13,7 +13,9 @@ on a token that matches both and on the null token otherwise, so what it reads i
 
 `answer_attention` recomputes that head's softmax from the layer's input with the layer's own
 weights (norm, q/k projections and norms, rotary), so the loss sees the probabilities `run_layer`
-used, and nothing in the served forward changes.
+used, and nothing in the served forward changes. Measured (README, runs 18 and 19): the head learns
+to look at the named objects (0.8-1.0 of its mass for colour, glyph, count and sum), but for presence
+it trades finding the object for rejecting its look-alikes, and presence accuracy stayed where it was.
 """
 
 from __future__ import annotations
