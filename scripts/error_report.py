@@ -140,9 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     asked = [complement(s, "attribute") for s in samples if s.family == "presence"]
     colour_questions = [c for c in asked if c is not None and c.question.startswith("what colour is the small")]
     try:
-        answers, exact, _ = sweep(
-            model, samples + colour_questions, configs
-        )  # checks every config's knobs before any work
+        # sweep checks every config's knobs before any work
+        answers, exact, _ = sweep(model, samples + colour_questions, configs)
     except KnobError as e:
         sys.exit(f"error: {e}")
     families = {

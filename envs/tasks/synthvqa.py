@@ -227,10 +227,20 @@ def _small_objects(sample: Sample) -> list[tuple[str, str]]:
     return [(o.label.split(":")[1], o.colour) for o in sample.objects if o.size <= SMALL_SIZE]
 
 
+def _small_of_shape(sample: Sample, shape: str) -> list[SceneObject]:
+    """The scene's small objects of `shape`, in drawing order."""
+    return [o for o in sample.objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}"]
+
+
 def _asked_object(question: str) -> tuple[str, str]:
-    """(colour, shape) of "is there a small <colour> <shape>?"."""
+    """(colour, shape) of "is there a small <colour> <shape>?"; the shape of "what colour is the small <shape>?"."""
     colour, shape = question.rstrip("?").split()[-2:]
     return colour, shape
+
+
+def _counted_shape(question: str) -> str:
+    """The shape of "how many <shape>s are there?"."""
+    return question.split()[2][:-1]
 
 
 def asked_objects(sample: Sample) -> tuple[SceneObject, ...]:
@@ -242,15 +252,14 @@ def asked_objects(sample: Sample) -> tuple[SceneObject, ...]:
     objects, family = sample.objects, sample.family
     if family == "colour":
         return (max(objects, key=lambda o: o.size),)
-    if family == "presence" and sample.question.startswith("is there"):
+    if family == "presence":
         colour, shape = _asked_object(sample.question)
-        return tuple(o for o in objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}" and o.colour == colour)
-    if family == "presence":  # its attribute partner
-        shape = sample.question.rstrip("?").split()[-1]
-        return tuple(o for o in objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}")
+        of_shape = _small_of_shape(sample, shape)
+        if sample.question.startswith("is there"):
+            return tuple(o for o in of_shape if o.colour == colour)
+        return tuple(of_shape)  # its attribute partner
     if family == "count":
-        shape = sample.question.split()[2][:-1]  # "how many circles are there?"
-        return tuple(o for o in objects if o.label == f"shape:{shape}")
+        return tuple(o for o in objects if o.label == f"shape:{_counted_shape(sample.question)}")
     if family in ("glyph", "sum"):
         kind = "letter:" if family == "glyph" else "digit:"
         return tuple(o for o in objects if o.label.startswith(kind))
@@ -307,7 +316,7 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         small = set(objects)
         colour, shape = _asked_object(sample.question)
         if mode == "recolour":
-            of_shape = [o for o in sample.objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}"]
+            of_shape = _small_of_shape(sample, shape)
             if of_shape:
                 pick = of_shape[int(rng.integers(len(of_shape)))]  # drawn either way: stage 16's pairs
                 if sample.answer == "no":
@@ -335,8 +344,7 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         shape, colour = options[int(rng.integers(len(options)))]
         return _asked(sample, f"is there a small {colour} {shape}?", "no")
     if sample.family == "count":
-        asked = sample.question.split()[2][:-1]  # "how many circles are there?"
-        shape = _pick(rng, SHAPES, [asked])
+        shape = _pick(rng, SHAPES, [_counted_shape(sample.question)])
         n = sum(o.label == f"shape:{shape}" for o in sample.objects)
         return _asked(sample, f"how many {shape}s are there?", str(n))
     return None
