@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from envs.tasks.synthvqa import FAMILIES
+from envs.tasks.synthvqa import FAMILIES, PRESENCE_LOOKS
 from envs.vlm.train import TrainArgs, train
 
 
@@ -27,8 +27,12 @@ def parse(argv: list[str] | None) -> TrainArgs:
         elif f.name == "family_weights":
             names = tuple(n.upper() for n in FAMILIES)
             ap.add_argument(flag, type=float, nargs=len(FAMILIES), default=f.default, metavar=names)
-        elif f.name == "attn_layers":
+        elif f.name in ("attn_layers", "ask_layers", "match_layers"):
             ap.add_argument(flag, type=int, nargs="+", default=f.default, metavar="LAYER")
+        elif f.name == "attn_families":
+            ap.add_argument(flag, nargs="+", choices=FAMILIES, default=f.default, metavar="FAMILY")
+        elif f.name == "attn_presence":
+            ap.add_argument(flag, choices=PRESENCE_LOOKS, default=f.default)
         elif hints[f.name] is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif hints[f.name] in (Path, Path | None):
@@ -42,6 +46,9 @@ def parse(argv: list[str] | None) -> TrainArgs:
             "tier_weights": tuple(ns.tier_weights),
             "family_weights": tuple(ns.family_weights),
             "attn_layers": tuple(ns.attn_layers),
+            "attn_families": tuple(ns.attn_families),
+            "ask_layers": tuple(ns.ask_layers),
+            "match_layers": tuple(ns.match_layers),
         }
     )
     if args.steps <= 0 or args.batch_size <= 0:

@@ -243,19 +243,26 @@ def _counted_shape(question: str) -> str:
     return question.split()[2][:-1]
 
 
-def asked_objects(sample: Sample) -> tuple[SceneObject, ...]:
+PRESENCE_LOOKS = ("match", "shape")
+
+
+def asked_objects(sample: Sample, presence: str = "match") -> tuple[SceneObject, ...]:
     """The objects whose presence answers a question, the ones a reader has to look at: the largest
     shape (colour), the small object of the asked colour and shape (presence: none on a "no"), the
     small objects of the asked shape ("what colour is the small <shape>?"), the objects of the asked
     shape (count), the letter (glyph), the digits (sum). Guided-attention training points the answer
-    position at them (`envs/vlm/attention_guide.py`)."""
+    position at them (`envs/vlm/attention_guide.py`). `presence="shape"` answers "is there a small
+    <colour> <shape>?" with the small objects of the asked shape instead, the ones whose colour decides
+    (a reader's first step: find the small stars, then check their colour)."""
+    if presence not in PRESENCE_LOOKS:
+        raise ValueError(f"presence must be one of {PRESENCE_LOOKS}, got {presence!r}")
     objects, family = sample.objects, sample.family
     if family == "colour":
         return (max(objects, key=lambda o: o.size),)
     if family == "presence":
         colour, shape = _asked_object(sample.question)
         of_shape = _small_of_shape(sample, shape)
-        if sample.question.startswith("is there"):
+        if sample.question.startswith("is there") and presence == "match":
             return tuple(o for o in of_shape if o.colour == colour)
         return tuple(of_shape)  # its attribute partner
     if family == "count":

@@ -16,6 +16,11 @@ weights (norm, q/k projections and norms, rotary), so the loss sees the probabil
 used, and nothing in the served forward changes. Measured (README, runs 18 and 19): the head learns
 to look at the named objects (0.8-1.0 of its mass for colour, glyph, count and sum), but for presence
 it trades finding the object for rejecting its look-alikes, and presence accuracy stayed where it was.
+
+So presence can also be taught as two steps (`--attn-presence shape --read-weight W`): the head looks
+at the small objects of the asked shape (one attribute, which it learns), and the guided layer's output
+at the answer position must name their colours through the model's own LM head (`colour_reads`); what
+is left for the later layers is comparing that colour with the asked one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 from envs.tasks.dense_labels import object_token_mask
-from envs.tasks.synthvqa import asked_objects
+from envs.tasks.synthvqa import COLOURS, FAMILIES, SMALL_SIZE, asked_objects
 from envs.vlm.model import Prepared, Preprocessed
 from envs.vlm.staged import rotate_half
 
@@ -61,15 +66,36 @@ def answer_attention(layer: nn.Module, h_in: torch.Tensor, position_embeddings, 
     return torch.softmax(scores.masked_fill(~seen[:, None], float("-inf")), dim=-1)
 
 
-def guide_masks(samples: list, crops: list, tokens_per_side: int) -> list[np.ndarray | None]:
-    """Per sample, a bool mask over its vision tokens (connector order) of its asked objects; all False
-    where the scene has none (look at the null token); None where they are too small for these crops
-    (nothing to say: the answer cannot be read at this tier)."""
+def guide_masks(
+    samples: list, crops: list, tokens_per_side: int, families=FAMILIES, presence: str = "match"
+) -> list[np.ndarray | None]:
+    """Per sample, a bool mask over its vision tokens (connector order) of its asked objects
+    (`synthvqa.asked_objects(sample, presence)`); all False where the scene has none (look at the null
+    token); None where they are too small for these crops (nothing to say: the answer cannot be read
+    at this tier) or the sample's family is not among `families`."""
     out = []
     for sample, c in zip(samples, crops, strict=True):
-        objects = asked_objects(sample)
+        if sample.family not in families:
+            out.append(None)
+            continue
+        objects = asked_objects(sample, presence)
         mask = object_token_mask(objects, c, tokens_per_side)
         out.append(mask if mask.any() or not objects else None)
+    return out
+
+
+def colour_reads(samples: list, crops: list, tokens_per_side: int) -> np.ndarray:
+    """[B, len(COLOURS)]: for a presence-family row, the share of each colour among the small objects of
+    the asked shape that these crops show (what a reader finds in the first step of "is there a small
+    red star?": the small stars' colours); zeros elsewhere (no such object, too small, other family)."""
+    out = np.zeros((len(samples), len(COLOURS)), dtype=np.float32)
+    for i, (sample, c) in enumerate(zip(samples, crops, strict=True)):
+        if sample.family != "presence":
+            continue
+        objects = asked_objects(sample, "shape")
+        if objects and object_token_mask(objects, c, tokens_per_side).any():
+            for o in objects:
+                out[i, list(COLOURS).index(o.colour)] += 1 / len(objects)
     return out
 
 
@@ -91,31 +117,142 @@ def target_positions(pre: Preprocessed, token_masks: list[np.ndarray | None], le
     return out
 
 
+def asked_colour_positions(samples: list, pre: Preprocessed, tokenizer, length: int) -> torch.Tensor:
+    """Bool [B, length]: in each "is there a small <colour> <shape>?" row (left-padded to `length`), the
+    position of the question's colour word, the one text token the answer position has to compare
+    the found colour with; nothing in other rows."""
+    out = torch.zeros(len(samples), length, dtype=torch.bool)
+    for i, (s, seq) in enumerate(zip(samples, pre.token_ids, strict=True)):
+        if s.family != "presence" or not s.question.startswith("is there"):
+            continue
+        (word,) = tokenizer.encode(_asked_colour(s.question))
+        at = [j for j, t in enumerate(seq) if t == word]
+        if len(at) != 1:
+            raise ValueError(f"row {i}: the colour word should occur once in the prompt, found {len(at)}")
+        out[i, length - len(seq) + at[0]] = True
+    return out
+
+
+def match_positions(samples: list, pre: Preprocessed, tokenizer, length: int, rows: np.ndarray) -> torch.Tensor:
+    """Bool [B, length]: for the `rows` (`presence_rows`), the question's colour word where the answer
+    is "yes" and the first token (<bos>) where it is "no"; nothing elsewhere. A head guided here has to
+    score the colour word by whether the colour found in the image equals it: a query-key product is
+    the bilinear form an equality test needs, which a sum of one-hot features fed to an MLP only
+    reaches from a flat start (the early answer stayed at ln 2 for 450 steps with both colours there)."""
+    out = asked_colour_positions(samples, pre, tokenizer, length)
+    for i, s in enumerate(samples):
+        if not rows[i]:
+            out[i] = False
+        elif s.answer == "no":
+            out[i] = False
+            out[i, length - len(pre.token_ids[i])] = True
+    return out
+
+
+def _asked_colour(question: str) -> str:
+    return question.rstrip("?").split()[-2]
+
+
+def presence_rows(samples: list, crops: list, tokens_per_side: int) -> np.ndarray:
+    """Bool [B]: the "is there a small <colour> <shape>?" rows whose small objects these crops show (at
+    the low tier they are too small to check): the rows `AttentionGuide` can ask to answer early."""
+    return np.array(
+        [
+            s.family == "presence"
+            and s.question.startswith("is there")
+            and object_token_mask([o for o in s.objects if o.size <= SMALL_SIZE], c, tokens_per_side).any()
+            for s, c in zip(samples, crops, strict=True)
+        ]
+    )
+
+
 class AttentionGuide:
     """An `on_layer` hook: -log of the attention mass that `head` of the answer position puts on the
     asked objects' vision tokens (or the null token, see `guide_masks`), averaged over the rows with
     a target and over the `layers` run. Rows whose objects are too small for the tier add nothing.
+
+    With `reads` (`colour_reads`), also the cross-entropy of the colour words read off each guided
+    layer's output at the answer position through the model's own final norm and LM head (a logit
+    lens, no new weights) against the colours of the looked-at objects: the intermediate result of
+    a two-step presence check is then in the residual stream by that layer, for the later layers to
+    compare with the asked colour. With `early` (`presence_rows`), also the cross-entropy of those
+    rows' first answer token read the same way (deep supervision: the comparison by the guided layer).
+    `positions` ([B, T] bool) names the positions to look at directly instead of `token_masks`, e.g.
+    the question's colour word (`asked_colour_positions`): the other operand of that comparison.
     """
 
-    def __init__(self, model, pre: Preprocessed, prepared: Prepared, token_masks, layers: tuple[int, ...], head: int):
+    def __init__(
+        self,
+        model,
+        pre: Preprocessed,
+        prepared: Prepared,
+        token_masks,
+        layers: tuple[int, ...],
+        head: int,
+        reads: np.ndarray | None = None,
+        early: np.ndarray | None = None,
+        positions: torch.Tensor | None = None,
+    ):
         if not 0 <= head < model.cfg.llm.heads:
             raise ValueError(f"head must lie in 0..{model.cfg.llm.heads - 1}, got {head}")
         self.model, self.layers, self.head, self.valid = model, set(layers), head, prepared.valid
         self.query = answer_positions(prepared.targets)
-        targets = target_positions(pre, token_masks, prepared.valid.shape[1]).to(prepared.valid.device)
+        if positions is None:
+            positions = target_positions(pre, token_masks, prepared.valid.shape[1])
+        targets = positions.to(prepared.valid.device)
         self.rows = targets.any(dim=1)
         self.targets = targets[self.rows]
         positions = model._positions(prepared.valid)
         self.position_embeddings = model.llm.rotary_emb(prepared.embeds, positions)
         self.terms, self.row_masses = [], []  # per guided layer run: loss, mass of each row with a target
+        self.read_terms, self.read_hits = [], []  # per guided layer run: colour-read loss, argmax in the read set
+        self.reads = None
+        if reads is not None:
+            ids = [model.tokenizer.encode(c) for c in COLOURS]
+            if any(len(i) != 1 for i in ids):
+                raise ValueError("the colour read needs one token per colour word; this tokenizer splits some")
+            ids = [i[0] for i in ids]
+            reads = torch.as_tensor(reads, device=prepared.valid.device)
+            self.read_rows, self.reads = reads.sum(-1) > 0, reads[reads.sum(-1) > 0]
+            self.colour_ids = torch.tensor(ids, device=prepared.valid.device)
+        self.early_terms = []  # per guided layer run: early answer loss
+        self.early = None if early is None else torch.as_tensor(early, device=prepared.valid.device)
+        if self.early is not None:
+            rows = torch.arange(len(self.query), device=self.query.device)
+            self.early_targets = prepared.targets[rows, self.query + 1][self.early]
 
     def __call__(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-        if layer not in self.layers or not self.rows.any():
+        if layer not in self.layers:
             return
-        probs = answer_attention(self.model.llm.layers[layer], h_in, self.position_embeddings, self.valid, self.query)
-        mass = (probs[self.rows, self.head] * self.targets).sum(-1)
-        self.terms.append(-torch.log(mass.clamp_min(1e-6)).mean())
-        self.row_masses.append(mass.detach())
+        if self.rows.any():
+            probs = answer_attention(
+                self.model.llm.layers[layer], h_in, self.position_embeddings, self.valid, self.query
+            )
+            mass = (probs[self.rows, self.head] * self.targets).sum(-1)
+            self.terms.append(-torch.log(mass.clamp_min(1e-6)).mean())
+            self.row_masses.append(mass.detach())
+        if self.reads is not None and self.read_rows.any():
+            at = h_out[self.read_rows, self.query[self.read_rows]]
+            logits = self.model.logits(at)[:, self.colour_ids].float()
+            self.read_terms.append(-(self.reads * torch.log_softmax(logits, -1)).sum(-1).mean())
+            picked = logits.argmax(-1, keepdim=True)
+            self.read_hits.append((self.reads.gather(1, picked) > 0).float().mean().detach())
+        if self.early is not None and self.early.any():
+            logits = self.model.logits(h_out[self.early, self.query[self.early]]).float()
+            self.early_terms.append(torch.nn.functional.cross_entropy(logits, self.early_targets))
+
+    def early_value(self) -> torch.Tensor:
+        """Mean early-answer cross-entropy over the guided layers run (zero if none ran or no row qualifies)."""
+        return torch.stack(self.early_terms).mean() if self.early_terms else torch.zeros((), device=self.valid.device)
+
+    def read_value(self) -> torch.Tensor:
+        """Mean colour-read cross-entropy over the guided layers run (zero if none ran or no row reads)."""
+        return torch.stack(self.read_terms).mean() if self.read_terms else torch.zeros((), device=self.valid.device)
+
+    @property
+    def read_accuracy(self) -> float:
+        """Share of reading rows whose top colour word is a colour of a looked-at object."""
+        return float(torch.stack(self.read_hits).mean()) if self.read_hits else float("nan")
 
     def value(self) -> torch.Tensor:
         return torch.stack(self.terms).mean() if self.terms else torch.zeros((), device=self.valid.device)

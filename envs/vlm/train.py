@@ -31,8 +31,15 @@ from tqdm import tqdm
 
 from envs.tasks.dense_labels import CLASSES, COLOUR_CLASSES, IGNORE, token_targets
 from envs.tasks.dense_scenes import make_dense_sample
-from envs.tasks.synthvqa import FAMILIES, PAIR_MODES, SPLIT_SEEDS, SynthVQA, complement, make_sample
-from envs.vlm.attention_guide import AttentionGuide, guide_masks
+from envs.tasks.synthvqa import FAMILIES, PAIR_MODES, PRESENCE_LOOKS, SPLIT_SEEDS, SynthVQA, complement, make_sample
+from envs.vlm.attention_guide import (
+    AttentionGuide,
+    asked_colour_positions,
+    colour_reads,
+    guide_masks,
+    match_positions,
+    presence_rows,
+)
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.model import Preprocessed, preprocess_requests
@@ -71,6 +78,18 @@ class TrainArgs:
     attn_weight: float = 0.0  # > 0: guide where the answer position looks (see envs/vlm/attention_guide.py)
     attn_layers: tuple[int, ...] = (2,)  # layers whose `attn_head` is guided (0-2 run in every config)
     attn_head: int = 1
+    attn_families: tuple[str, ...] = FAMILIES  # the families whose rows the guide points
+    attn_presence: str = (
+        "match"  # what presence rows look at: the asked object, or "shape": its shape's (asked_objects)
+    )
+    read_weight: float = 0.0  # > 0: read the looked-at colours at the guided layers (AttentionGuide, presence)
+    early_weight: float = 0.0  # > 0: presence answers read at the guided layers too (AttentionGuide)
+    ask_weight: float = 0.0  # > 0: guide `ask_head` of `ask_layers` to the presence question's colour word
+    ask_layers: tuple[int, ...] = (1,)
+    ask_head: int = 0
+    match_weight: float = 0.0  # > 0: guide `match_head` of `match_layers` to the colour word on "yes", <bos> on "no"
+    match_layers: tuple[int, ...] = (3,)
+    match_head: int = 0
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     family_weights: tuple[float, ...] = (1.0,) * len(FAMILIES)  # task mix, in FAMILIES order; equal: cycle
     seed: int = 0
@@ -101,6 +120,20 @@ class TrainArgs:
             raise ValueError(f"attn_weight must be >= 0, attn_layers non-empty and attn_head in 0..{llm.heads - 1}")
         if any(not 0 <= i < llm.layers for i in self.attn_layers):
             raise ValueError(f"attn_layers must lie in 0..{llm.layers - 1}, got {self.attn_layers}")
+        if not self.attn_families or any(f not in FAMILIES for f in self.attn_families):
+            raise ValueError(f"attn_families must name some of {FAMILIES}, got {self.attn_families}")
+        if self.attn_presence not in PRESENCE_LOOKS or self.read_weight < 0:
+            raise ValueError(f"attn_presence must be one of {PRESENCE_LOOKS} and read_weight >= 0")
+        if self.early_weight < 0:
+            raise ValueError("early_weight must be >= 0")
+        if self.ask_weight < 0 or not self.ask_layers or not 0 <= self.ask_head < llm.heads:
+            raise ValueError(f"ask_weight must be >= 0, ask_layers non-empty and ask_head in 0..{llm.heads - 1}")
+        if any(not 0 <= i < llm.layers for i in self.ask_layers):
+            raise ValueError(f"ask_layers must lie in 0..{llm.layers - 1}, got {self.ask_layers}")
+        if self.match_weight < 0 or not self.match_layers or not 0 <= self.match_head < llm.heads:
+            raise ValueError(f"match_weight must be >= 0, match_layers non-empty and match_head in 0..{llm.heads - 1}")
+        if any(not 0 <= i < llm.layers for i in self.match_layers):
+            raise ValueError(f"match_layers must lie in 0..{llm.layers - 1}, got {self.match_layers}")
         family_mix(self.family_weights)
 
 
@@ -277,6 +310,10 @@ class StepInputs:
     dense_pre: Preprocessed | None  # the dense scenes of a joint step's vision loss
     dense_targets: tuple[np.ndarray, np.ndarray] | None
     guide_masks: list | None = None  # the asked objects' vision tokens (attention guide), per sample
+    colour_reads: np.ndarray | None = None  # the looked-at objects' colours (AttentionGuide's read)
+    early_rows: np.ndarray | None = None  # the rows whose answer is also read at the guided layers
+    ask_positions: torch.Tensor | None = None  # the presence questions' colour words (the ask guide)
+    match_positions: torch.Tensor | None = None  # colour word on "yes", <bos> on "no" (the match guide)
 
 
 class StepMaker(Dataset):
@@ -312,10 +349,24 @@ class StepMaker(Dataset):
                 [make_dense_sample(seed, first + i) for i in range(args.dense_aux_batch)],
                 tier,
             )
-        masks = None
+        masks = reads = None
+        side = self.cfg.vision.tokens_per_side
         if not warm_up and args.attn_weight > 0:
-            masks = guide_masks(batch, pre.crops, self.cfg.vision.tokens_per_side)
-        return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets, masks)
+            masks = guide_masks(batch, pre.crops, side, args.attn_families, args.attn_presence)
+        early = None
+        if not warm_up and args.read_weight > 0:
+            reads = colour_reads(batch, pre.crops, side)
+        if not warm_up and args.early_weight > 0:
+            early = presence_rows(batch, pre.crops, side)
+        if reads is not None or early is not None:
+            masks = masks or [None] * len(batch)  # reads alone: no attention target
+        ask = match = None
+        length = max(len(t) for t in pre.token_ids)
+        if not warm_up and args.ask_weight > 0:
+            ask = asked_colour_positions(batch, pre, self.tokenizer, length)
+        if not warm_up and args.match_weight > 0:
+            match = match_positions(batch, pre, self.tokenizer, length, presence_rows(batch, pre.crops, side))
+        return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets, masks, reads, early, ask, match)
 
 
 def _as_made(item):
@@ -426,15 +477,44 @@ def train(args: TrainArgs) -> Path:
             norm = AnswerNormPenalty(prepared, args.norm_cap) if args.norm_cap > 0 else None
             guide = None
             if step_in.guide_masks is not None:
-                guide = AttentionGuide(model, pre, prepared, step_in.guide_masks, args.attn_layers, args.attn_head)
-            answer = model.answer_loss(prepared, layers, top_k, on_layer=hooks(norm, guide))
+                guide = AttentionGuide(
+                    model,
+                    pre,
+                    prepared,
+                    step_in.guide_masks,
+                    args.attn_layers,
+                    args.attn_head,
+                    step_in.colour_reads,
+                    step_in.early_rows,
+                )
+            ask, match = (
+                None if where is None else AttentionGuide(model, pre, prepared, None, layers_, head, positions=where)
+                for where, layers_, head in (
+                    (step_in.ask_positions, args.ask_layers, args.ask_head),
+                    (step_in.match_positions, args.match_layers, args.match_head),
+                )
+            )
+            answer = model.answer_loss(prepared, layers, top_k, on_layer=hooks(norm, guide, ask, match))
             loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
-            if guide is not None and guide.terms:  # no term when no guided layer ran or no row has a target
-                guided = guide.value()
-                loss = loss + args.attn_weight * guided
-                shown["attn"] = guided.item()
-                writer.add_scalar("train/attention_guide", shown["attn"], step)
-                writer.add_scalar("train/attention_mass", guide.mass, step)
+            terms = []  # (name shown, TensorBoard tag, loss term, weight, more scalars); none where nothing ran
+            if guide is not None and guide.terms:
+                terms.append(
+                    ("attn", "attention_guide", guide.value(), args.attn_weight, {"attention_mass": guide.mass})
+                )
+            if guide is not None and guide.read_terms:
+                more = {"colour_read_accuracy": guide.read_accuracy}
+                terms.append(("read", "colour_read", guide.read_value(), args.read_weight, more))
+            if guide is not None and guide.early_terms:
+                terms.append(("early", "early_answer", guide.early_value(), args.early_weight, {}))
+            for name, g, weight in (("ask", ask, args.ask_weight), ("match", match, args.match_weight)):
+                if g is not None and g.terms:
+                    terms.append((name, f"{name}_guide", g.value(), weight, {f"{name}_mass": g.mass}))
+            for name, tag, term, weight, more in terms:
+                loss = loss + weight * term
+                shown[name] = term.item()
+                writer.add_scalar(f"train/{tag}", shown[name], step)
+                for key, value in more.items():
+                    writer.add_scalar(f"train/{key}", value, step)
             writer.add_scalar("train/loss", shown["answer"], step)
             if norm is not None:
                 penalty = norm.value()
