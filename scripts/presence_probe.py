@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.tasks.synthvqa import COLOURS, TRAINING_SEEDS, make_sample
+from envs.tasks.synthvqa import COLOURS, TRAINING_SEEDS, asked_object, make_sample
 from envs.tasks.synthvqa import asked_objects as looked_at
 from envs.vlm.attention_guide import answer_positions
 from envs.vlm.checkpoint import load_model
@@ -62,7 +62,7 @@ def features(model, samples: list, tier: str, layers: list[int], batch: int = 32
 def labels(samples: list) -> dict[str, np.ndarray]:
     """Per target, a class per sample (-1: not defined for that sample)."""
     names = list(COLOURS)
-    asked = [names.index(s.question.rstrip("?").split()[-2]) for s in samples]
+    asked = [names.index(asked_object(s.question)[0]) for s in samples]
     found = []
     for s in samples:
         of_shape = looked_at(s, "shape")

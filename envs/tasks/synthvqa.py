@@ -232,7 +232,7 @@ def _small_of_shape(sample: Sample, shape: str) -> list[SceneObject]:
     return [o for o in sample.objects if o.size <= SMALL_SIZE and o.label == f"shape:{shape}"]
 
 
-def _asked_object(question: str) -> tuple[str, str]:
+def asked_object(question: str) -> tuple[str, str]:
     """(colour, shape) of "is there a small <colour> <shape>?"; the shape of "what colour is the small <shape>?"."""
     colour, shape = question.rstrip("?").split()[-2:]
     return colour, shape
@@ -260,7 +260,7 @@ def asked_objects(sample: Sample, presence: str = "match") -> tuple[SceneObject,
     if family == "colour":
         return (max(objects, key=lambda o: o.size),)
     if family == "presence":
-        colour, shape = _asked_object(sample.question)
+        colour, shape = asked_object(sample.question)
         of_shape = _small_of_shape(sample, shape)
         if sample.question.startswith("is there") and presence == "match":
             return tuple(o for o in of_shape if o.colour == colour)
@@ -282,7 +282,7 @@ def presence_kind(sample: Sample) -> str:
     Splits presence accuracy into what a model checks (scripts/error_report.py)."""
     if sample.family != "presence":
         raise ValueError(f"presence_kind needs a presence question, got family {sample.family!r}")
-    colour, shape = _asked_object(sample.question)
+    colour, shape = asked_object(sample.question)
     small = _small_objects(sample)
     if (shape, colour) in small:
         return "present"
@@ -321,7 +321,7 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
     if sample.family == "presence":
         objects = _small_objects(sample)
         small = set(objects)
-        colour, shape = _asked_object(sample.question)
+        colour, shape = asked_object(sample.question)
         if mode == "recolour":
             of_shape = _small_of_shape(sample, shape)
             if of_shape:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from envs.tasks.dense_labels import object_token_mask
-from envs.tasks.synthvqa import COLOURS, FAMILIES, SMALL_SIZE, asked_objects
+from envs.tasks.synthvqa import COLOURS, FAMILIES, SMALL_SIZE, asked_object, asked_objects
 from envs.vlm.model import Prepared, Preprocessed
 from envs.vlm.staged import rotate_half
 
@@ -125,7 +125,7 @@ def asked_colour_positions(samples: list, pre: Preprocessed, tokenizer, length: 
     for i, (s, seq) in enumerate(zip(samples, pre.token_ids, strict=True)):
         if s.family != "presence" or not s.question.startswith("is there"):
             continue
-        (word,) = tokenizer.encode(_asked_colour(s.question))
+        (word,) = tokenizer.encode(asked_object(s.question)[0])
         at = [j for j, t in enumerate(seq) if t == word]
         if len(at) != 1:
             raise ValueError(f"row {i}: the colour word should occur once in the prompt, found {len(at)}")
@@ -147,10 +147,6 @@ def match_positions(samples: list, pre: Preprocessed, tokenizer, length: int, ro
             out[i] = False
             out[i, length - len(pre.token_ids[i])] = True
     return out
-
-
-def _asked_colour(question: str) -> str:
-    return question.rstrip("?").split()[-2]
 
 
 def presence_rows(samples: list, crops: list, tokens_per_side: int) -> np.ndarray:
