@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.tasks.synthvqa import FAMILIES, PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, presence_kind
+from envs.tasks.synthvqa import FAMILIES, PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, asks_presence, presence_kind
 from envs.vlm.attention_guide import AttentionGuide, guide_masks
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
@@ -54,7 +54,7 @@ def masses(model, samples: list, tier: str, layer: int, head: int, batch: int = 
 
 def report(model, samples: list, layer: int, head: int) -> str:
     groups = {f: [s.family == f for s in samples] for f in FAMILIES}
-    kinds = [presence_kind(s) if s.family == "presence" and s.question.startswith("is there") else "" for s in samples]
+    kinds = [presence_kind(s) if asks_presence(s) else "" for s in samples]
     groups |= {f"presence: {k}": [k == kind for kind in kinds] for k in PRESENCE_KINDS if k in kinds}
     lines = [
         f"Layer {layer}, head {head}: attention mass on the asked objects (null token where absent), n, uniform mass",

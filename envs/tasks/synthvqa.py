@@ -238,6 +238,12 @@ def asked_object(question: str) -> tuple[str, str]:
     return colour, shape
 
 
+def asks_presence(sample: Sample) -> bool:
+    """Whether the sample asks "is there a small <colour> <shape>?" (not the attribute partner
+    "what colour is the small <shape>?", which shares the presence family)."""
+    return sample.family == "presence" and sample.question.startswith("is there")
+
+
 def _counted_shape(question: str) -> str:
     """The shape of "how many <shape>s are there?"."""
     return question.split()[2][:-1]
@@ -262,7 +268,7 @@ def asked_objects(sample: Sample, presence: str = "match") -> tuple[SceneObject,
     if family == "presence":
         colour, shape = asked_object(sample.question)
         of_shape = _small_of_shape(sample, shape)
-        if sample.question.startswith("is there") and presence == "match":
+        if asks_presence(sample) and presence == "match":
             return tuple(o for o in of_shape if o.colour == colour)
         return tuple(of_shape)  # its attribute partner
     if family == "count":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from envs.tasks.dense_labels import object_token_mask
-from envs.tasks.synthvqa import COLOURS, FAMILIES, SMALL_SIZE, asked_object, asked_objects
+from envs.tasks.synthvqa import COLOURS, FAMILIES, SMALL_SIZE, asked_object, asked_objects, asks_presence
 from envs.vlm.model import Prepared, Preprocessed
 from envs.vlm.staged import rotate_half
 
@@ -123,7 +123,7 @@ def asked_colour_positions(samples: list, pre: Preprocessed, tokenizer, length: 
     the found colour with; nothing in other rows."""
     out = torch.zeros(len(samples), length, dtype=torch.bool)
     for i, (s, seq) in enumerate(zip(samples, pre.token_ids, strict=True)):
-        if s.family != "presence" or not s.question.startswith("is there"):
+        if not asks_presence(s):
             continue
         (word,) = tokenizer.encode(asked_object(s.question)[0])
         at = [j for j, t in enumerate(seq) if t == word]
@@ -154,8 +154,7 @@ def presence_rows(samples: list, crops: list, tokens_per_side: int) -> np.ndarra
     the low tier they are too small to check): the rows `AttentionGuide` can ask to answer early."""
     return np.array(
         [
-            s.family == "presence"
-            and s.question.startswith("is there")
+            asks_presence(s)
             and object_token_mask([o for o in s.objects if o.size <= SMALL_SIZE], c, tokens_per_side).any()
             for s, c in zip(samples, crops, strict=True)
         ]

@@ -79,9 +79,7 @@ class TrainArgs:
     attn_layers: tuple[int, ...] = (2,)  # layers whose `attn_head` is guided (0-2 run in every config)
     attn_head: int = 1
     attn_families: tuple[str, ...] = FAMILIES  # the families whose rows the guide points
-    attn_presence: str = (
-        "match"  # what presence rows look at: the asked object, or "shape": its shape's (asked_objects)
-    )
+    attn_presence: str = "match"  # presence rows look at the asked object, or "shape": all of its shape
     read_weight: float = 0.0  # > 0: read the looked-at colours at the guided layers (AttentionGuide, presence)
     early_weight: float = 0.0  # > 0: presence answers read at the guided layers too (AttentionGuide)
     ask_weight: float = 0.0  # > 0: guide `ask_head` of `ask_layers` to the presence question's colour word
@@ -116,24 +114,20 @@ class TrainArgs:
         if self.warmup_scenes not in WARMUP_SCENES:
             raise ValueError(f"warmup_scenes must be one of {WARMUP_SCENES}, got {self.warmup_scenes!r}")
         llm = get_preset(self.preset).llm
-        if self.attn_weight < 0 or not self.attn_layers or not 0 <= self.attn_head < llm.heads:
-            raise ValueError(f"attn_weight must be >= 0, attn_layers non-empty and attn_head in 0..{llm.heads - 1}")
-        if any(not 0 <= i < llm.layers for i in self.attn_layers):
-            raise ValueError(f"attn_layers must lie in 0..{llm.layers - 1}, got {self.attn_layers}")
+        for name in ("attn", "ask", "match"):  # three guided heads, one rule
+            weight, layers, head = (getattr(self, f"{name}_{part}") for part in ("weight", "layers", "head"))
+            if weight < 0 or not layers or not 0 <= head < llm.heads:
+                raise ValueError(
+                    f"{name}_weight must be >= 0, {name}_layers non-empty and {name}_head in 0..{llm.heads - 1}"
+                )
+            if any(not 0 <= i < llm.layers for i in layers):
+                raise ValueError(f"{name}_layers must lie in 0..{llm.layers - 1}, got {layers}")
         if not self.attn_families or any(f not in FAMILIES for f in self.attn_families):
             raise ValueError(f"attn_families must name some of {FAMILIES}, got {self.attn_families}")
         if self.attn_presence not in PRESENCE_LOOKS or self.read_weight < 0:
             raise ValueError(f"attn_presence must be one of {PRESENCE_LOOKS} and read_weight >= 0")
         if self.early_weight < 0:
             raise ValueError("early_weight must be >= 0")
-        if self.ask_weight < 0 or not self.ask_layers or not 0 <= self.ask_head < llm.heads:
-            raise ValueError(f"ask_weight must be >= 0, ask_layers non-empty and ask_head in 0..{llm.heads - 1}")
-        if any(not 0 <= i < llm.layers for i in self.ask_layers):
-            raise ValueError(f"ask_layers must lie in 0..{llm.layers - 1}, got {self.ask_layers}")
-        if self.match_weight < 0 or not self.match_layers or not 0 <= self.match_head < llm.heads:
-            raise ValueError(f"match_weight must be >= 0, match_layers non-empty and match_head in 0..{llm.heads - 1}")
-        if any(not 0 <= i < llm.layers for i in self.match_layers):
-            raise ValueError(f"match_layers must lie in 0..{llm.layers - 1}, got {self.match_layers}")
         family_mix(self.family_weights)
 
 
@@ -353,19 +347,20 @@ class StepMaker(Dataset):
         side = self.cfg.vision.tokens_per_side
         if not warm_up and args.attn_weight > 0:
             masks = guide_masks(batch, pre.crops, side, args.attn_families, args.attn_presence)
-        early = None
+        early = ask = match = None
+        needs_rows = not warm_up and (args.early_weight > 0 or args.match_weight > 0)
+        checkable = presence_rows(batch, pre.crops, side) if needs_rows else None  # once for both users
         if not warm_up and args.read_weight > 0:
             reads = colour_reads(batch, pre.crops, side)
         if not warm_up and args.early_weight > 0:
-            early = presence_rows(batch, pre.crops, side)
+            early = checkable
         if reads is not None or early is not None:
             masks = masks or [None] * len(batch)  # reads alone: no attention target
-        ask = match = None
         length = max(len(t) for t in pre.token_ids)
         if not warm_up and args.ask_weight > 0:
             ask = asked_colour_positions(batch, pre, self.tokenizer, length)
         if not warm_up and args.match_weight > 0:
-            match = match_positions(batch, pre, self.tokenizer, length, presence_rows(batch, pre.crops, side))
+            match = match_positions(batch, pre, self.tokenizer, length, checkable)
         return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets, masks, reads, early, ask, match)
 
 
