@@ -27,7 +27,7 @@ def parse(argv: list[str] | None) -> TrainArgs:
         elif f.name == "family_weights":
             names = tuple(n.upper() for n in FAMILIES)
             ap.add_argument(flag, type=float, nargs=len(FAMILIES), default=f.default, metavar=names)
-        elif f.name in ("attn_layers", "ask_layers", "match_layers"):
+        elif f.name in ("attn_layers", "ask_layers", "match_layers", "carry_layers", "boost_layers"):
             ap.add_argument(flag, type=int, nargs="+", default=f.default, metavar="LAYER")
         elif f.name == "attn_families":
             ap.add_argument(flag, nargs="+", choices=FAMILIES, default=f.default, metavar="FAMILY")
@@ -49,6 +49,8 @@ def parse(argv: list[str] | None) -> TrainArgs:
             "attn_families": tuple(ns.attn_families),
             "ask_layers": tuple(ns.ask_layers),
             "match_layers": tuple(ns.match_layers),
+            "carry_layers": tuple(ns.carry_layers),
+            "boost_layers": tuple(ns.boost_layers),
         }
     )
     if args.steps <= 0 or args.batch_size <= 0:

@@ -34,6 +34,7 @@ from envs.tasks.dense_scenes import make_dense_sample
 from envs.tasks.synthvqa import FAMILIES, PAIR_MODES, PRESENCE_LOOKS, SPLIT_SEEDS, SynthVQA, complement, make_sample
 from envs.vlm.attention_guide import (
     AttentionGuide,
+    answer_positions,
     asked_colour_positions,
     colour_reads,
     guide_masks,
@@ -41,12 +42,14 @@ from envs.vlm.attention_guide import (
     presence_rows,
 )
 from envs.vlm.checkpoint import build_model, load_dir, save_model
+from envs.vlm.colour_carry import CarryLoss, ColourCarry, asked_colours
 from envs.vlm.evaluate import Config, accuracy_table, sweep
 from envs.vlm.model import Preprocessed, preprocess_requests
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS, get_preset
 from envs.vlm.ranking import compute_ranking
 
 WARMUP_SCENES = ("task", "dense")
+CARRY_LR_SCALE = 20.0  # the asked-colour readout's learning rate, in units of the model's
 COMPLEMENT_PAIRS = ("none", *PAIR_MODES)  # see synthvqa.complement
 DENSE_AUX_OFFSET = 10_000_000  # dense-scene indices of joint steps, apart from the warm-up's
 
@@ -88,6 +91,10 @@ class TrainArgs:
     match_weight: float = 0.0  # > 0: guide `match_head` of `match_layers` to the colour word on "yes", <bos> on "no"
     match_layers: tuple[int, ...] = (3,)
     match_head: int = 0
+    carry_weight: float = 0.0  # > 0: a readout of its own names the asked colour at the answer position (colour_carry)
+    carry_layers: tuple[int, ...] = (1, 2)  # after these layers
+    boost_layers: tuple[int, ...] = ()  # these layers' MoE MLPs train at lr * boost_scale (see `param_groups`)
+    boost_scale: float = 1.0
     tier_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # low, medium, high
     family_weights: tuple[float, ...] = (1.0,) * len(FAMILIES)  # task mix, in FAMILIES order; equal: cycle
     seed: int = 0
@@ -128,6 +135,10 @@ class TrainArgs:
             raise ValueError(f"attn_presence must be one of {PRESENCE_LOOKS} and read_weight >= 0")
         if self.early_weight < 0:
             raise ValueError("early_weight must be >= 0")
+        if self.carry_weight < 0 or not self.carry_layers or any(not 0 <= i < llm.layers for i in self.carry_layers):
+            raise ValueError(f"carry_weight must be >= 0 and carry_layers non-empty in 0..{llm.layers - 1}")
+        if self.boost_scale <= 0 or any(not 0 <= i < llm.layers for i in self.boost_layers):
+            raise ValueError(f"boost_scale must be > 0 and boost_layers in 0..{llm.layers - 1}")
         family_mix(self.family_weights)
 
 
@@ -308,6 +319,7 @@ class StepInputs:
     early_rows: np.ndarray | None = None  # the rows whose answer is also read at the guided layers
     ask_positions: torch.Tensor | None = None  # the presence questions' colour words (the ask guide)
     match_positions: torch.Tensor | None = None  # colour word on "yes", <bos> on "no" (the match guide)
+    asked_colours: np.ndarray | None = None  # the colour each presence question asks (the carry loss)
 
 
 class StepMaker(Dataset):
@@ -361,7 +373,10 @@ class StepMaker(Dataset):
             ask = asked_colour_positions(batch, pre, self.tokenizer, length)
         if not warm_up and args.match_weight > 0:
             match = match_positions(batch, pre, self.tokenizer, length, checkable)
-        return StepInputs(tier, top_k, layers, pre, targets, dense_pre, dense_targets, masks, reads, early, ask, match)
+        carry = asked_colours(batch) if not warm_up and args.carry_weight > 0 else None
+        return StepInputs(
+            tier, top_k, layers, pre, targets, dense_pre, dense_targets, masks, reads, early, ask, match, carry
+        )
 
 
 def _as_made(item):
@@ -394,10 +409,11 @@ def validation_configs(model) -> list[Config]:
     ]
 
 
-def save_checkpoint(path: Path, model, probe, opt, step: int) -> None:
+def save_checkpoint(path: Path, model, probe, opt, step: int, carry: ColourCarry | None = None) -> None:
     """Atomic: a kill at any moment leaves the previous checkpoint intact."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    state = {"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": step}
+    torch.save(state | ({} if carry is None else {"carry": carry.state_dict()}), tmp)
     os.replace(tmp, path)
 
 
@@ -412,6 +428,24 @@ def load_probe(probe: VisionProbe, init: Path) -> None:
             print(f"vision probe continued from {path}")
             return
     print(f"no vision probe beside {init}: it starts afresh")
+
+
+def param_groups(model, probe: VisionProbe, args: TrainArgs) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed norms/biases/embeddings, the probe, and the MoE MLPs of
+    `boost_layers` at `boost_scale` times the rate. Why boost: a presence check is an equality of two
+    colours, which an MLP computes; with both in layer 2's input the early answer stayed at ln 2 for
+    1100 steps at lr 2.5e-4 (run 25) and fell to 0.2-0.3 with that MLP at 10 times the rate (run 26)."""
+    boosted = tuple(f"llm.layers.{i}.mlp." for i in args.boost_layers)
+    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}
+    for name, p in model.named_parameters():
+        groups[(name.startswith(boosted) if boosted else False, p.ndim >= 2 and "embed" not in name)].append(p)
+    out = [
+        {"params": params, "weight_decay": args.weight_decay if decay else 0.0}
+        | ({"lr_scale": args.boost_scale} if boost else {})
+        for (boost, decay), params in groups.items()
+        if params or not boost  # the two plain groups always, so old checkpoints' optimiser states still load
+    ]
+    return out + [{"params": list(probe.parameters()), "weight_decay": 0.0}]
 
 
 def train(args: TrainArgs) -> Path:
@@ -431,21 +465,27 @@ def train(args: TrainArgs) -> Path:
         model.load_state_dict(keep, strict=not args.reinit_vision)
     model = model.to(args.device).train()
     probe = VisionProbe(model.cfg.llm.d_model).to(args.device)
+    carry = ColourCarry(model.cfg.llm.d_model).to(args.device) if args.carry_weight > 0 else None  # training-only
     if args.init and not args.reinit_vision:
         load_probe(probe, args.init)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-         {"params": list(probe.parameters()), "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
-    )  # fmt: skip
+    if carry is not None and args.init and (args.init.parent / "checkpoint.pt").is_file():
+        state = torch.load(args.init.parent / "checkpoint.pt", map_location="cpu", weights_only=True)
+        if "carry" in state:  # the run that trained `init` carried the asked colour: continue its readout
+            carry.load_state_dict(state["carry"])
+            print(f"asked-colour readout continued from {args.init.parent / 'checkpoint.pt'}")
+    opt = torch.optim.AdamW(param_groups(model, probe, args), lr=args.lr, betas=(0.9, 0.95))
+    if carry is not None:
+        # a fresh readout at the model's fine-tuning rate needs thousands of steps to grow (run 25's first
+        # 250 steps: 0.12 -> 0.35), and until it has, its gradient teaches the model little
+        opt.add_param_group({"params": list(carry.parameters()), "weight_decay": 0.0, "lr_scale": CARRY_LR_SCALE})
     ckpt = args.out / "checkpoint.pt"
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=args.device, weights_only=True)
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
+        if carry is not None:
+            carry.load_state_dict(state["carry"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
         print(f"resumed from {ckpt} at step {start}")
@@ -459,7 +499,7 @@ def train(args: TrainArgs) -> Path:
         tier, top_k, layers, pre = step_in.tier, step_in.top_k, step_in.layers, step_in.pre
         warm_up = step < args.vision_steps
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+            g["lr"] = lr_at(step, args) * g.get("lr_scale", 1.0)
         prepared = model.connect(pre, model.encode_vision(pre.pixels()))
         # a fresh probe's loss is large and random: while it learns, its gradients stay out of the ViT
         probe_only = (lambda t: t.detach()) if step < args.probe_warmup else (lambda t: t)
@@ -489,7 +529,10 @@ def train(args: TrainArgs) -> Path:
                     (step_in.match_positions, args.match_layers, args.match_head),
                 )
             )
-            answer = model.answer_loss(prepared, layers, top_k, on_layer=hooks(norm, guide, ask, match))
+            carried = None
+            if step_in.asked_colours is not None:
+                carried = CarryLoss(carry, answer_positions(prepared.targets), step_in.asked_colours, args.carry_layers)
+            answer = model.answer_loss(prepared, layers, top_k, on_layer=hooks(norm, guide, ask, match, carried))
             loss, shown = answer + args.aux_weight * aux, {"answer": answer.item()}
             terms = []  # (name shown, TensorBoard tag, loss term, weight, more scalars); none where nothing ran
             if guide is not None and guide.terms:
@@ -504,6 +547,9 @@ def train(args: TrainArgs) -> Path:
             for name, g, weight in (("ask", ask, args.ask_weight), ("match", match, args.match_weight)):
                 if g is not None and g.terms:
                     terms.append((name, f"{name}_guide", g.value(), weight, {f"{name}_mass": g.mass}))
+            if carried is not None and carried.terms:
+                more = {"carry_accuracy": carried.accuracy}
+                terms.append(("carry", "colour_carry", carried.value(), args.carry_weight, more))
             for name, tag, term, weight, more in terms:
                 loss = loss + weight * term
                 shown[name] = term.item()
@@ -528,7 +574,7 @@ def train(args: TrainArgs) -> Path:
         writer.add_scalar("train/lr", lr_at(step, args), step)
         writer.add_scalar("train/depth", len(layers), step)
         if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
-            save_checkpoint(ckpt, model, probe, opt, step + 1)
+            save_checkpoint(ckpt, model, probe, opt, step + 1, carry)
         if (step + 1) % args.val_every == 0 or step + 1 == end:
             model.eval()
             for t, groups in probe_report(model, probe, val[: args.probe_n]).items():
@@ -546,7 +592,7 @@ def train(args: TrainArgs) -> Path:
                     tqdm.write(f"step {step + 1} {tag}: {row['accuracy']:.3f} {json.dumps(row['by_family'])}")
             model.train()
         if args.max_minutes > 0 and time.time() - t0 > 60 * args.max_minutes:
-            save_checkpoint(ckpt, model, probe, opt, step + 1)
+            save_checkpoint(ckpt, model, probe, opt, step + 1, carry)
             end = step + 1
             tqdm.write(f"stopped at step {end} of {args.steps}: --max-minutes {args.max_minutes} reached")
             break
