@@ -106,6 +106,10 @@ def test_train_with_the_carry_logs_it_resumes_it_and_refuses_bad_options(tmp_pat
     without = tmp_path / "plain"
     train(TrainArgs(out=without, steps=1, **common))
     assert "carry" not in torch.load(without / "checkpoint.pt", weights_only=True)
+    with pytest.raises(ValueError, match="carry-weight"):  # a plain run resumed with the carry, and back
+        train(TrainArgs(out=without, steps=2, **presence, **common))
+    with pytest.raises(ValueError, match="carry-weight"):
+        train(TrainArgs(out=run, steps=4, **common))
     for bad in (
         dict(carry_weight=-1.0),
         dict(carry_layers=()),

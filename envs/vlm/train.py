@@ -484,6 +484,10 @@ def train(args: TrainArgs) -> Path:
         state = torch.load(ckpt, map_location=args.device, weights_only=True)
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
+        if (carry is not None) != ("carry" in state):  # the optimiser's groups would not match either
+            raise ValueError(
+                f"{ckpt} was written with other --carry-weight options: resume with those or use a new --out"
+            )
         if carry is not None:
             carry.load_state_dict(state["carry"])
         opt.load_state_dict(state["opt"])
