@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 W=envs/vlm/weights/tiny
 if [ -z "${SKIP_TRAIN:-}" ]; then
   # The shipped model's lineage, one resumable stage per line, each starting from the one before
-  # (1-10 and 12-15 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
+  # (1-10, 12-15 and runs 21-26 on this 2-core CPU, 11 on a lent H100): 1. VQA loss only (its LLM is kept); 2. ViT and connector restarted with
   # the dense vision loss, 600 vision-only steps on task scenes; 3. 1500 vision-only steps on packed
   # dense scenes; 4. joint training, dense scenes kept in the vision loss; 5.-15. see below. (The shipped run of stage 4
   # was changed while it ran: its first 550 steps used the earlier four-letter glyph family and its
@@ -81,8 +81,24 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   # 15. colour and the low tier weighted back up (stage 14 lost colour at the low tier), lr 2.5e-4, 1500 steps.
   stage runs/tiny_vlm_mix15 --init runs/tiny_vlm_mix14/model --device cpu --steps 1500 --max-minutes 62 --batch-size 16 \
     --full-steps 0 --p-full 0.7 --lr 2.5e-4 --warmup 30 --val-every 750 --val-n 150 --ckpt-every 100 --dense-aux-batch 4 \
-    --complement-pairs attribute --norm-cap 20 --family-weights 0.8 3 2.5 2 3 --tier-weights 0.7 0.8 1.6 --seed 22 \
-    --ship "$W"
+    --complement-pairs attribute --norm-cap 20 --family-weights 0.8 3 2.5 2 3 --tier-weights 0.7 0.8 1.6 --seed 22
+  # Runs 21, 24, 25 and 26 (the README's names; runs 16-20, 22 and 23 were not kept): presence. Stage 15
+  # answered "is there a small red circle?" from the shape alone. One guide per step of the lookup: run 21,
+  # layer 2 attends to the small objects of the asked shape (--attn-*) and names their colour (--read-weight);
+  # run 24, layer 1 attends to the question's colour word (--ask-*) and layer 3 matches it (--match-*);
+  # run 25, the asked colour carried to the answer position (--carry-*), layer 2 asked for the answer
+  # (--early-weight); run 26, that answer weighted up and layer 2's MoE MLP at 10x the learning rate
+  # (--boost-*). Each 30-37 min on this CPU. Run 21 started from stage 15 as shipped then.
+  guided=(--device cpu --batch-size 16 --lr 2.5e-4 --warmup 30 --p-full 0.7 --full-steps 0 --val-n 150
+    --dense-aux-batch 4 --complement-pairs recolour --norm-cap 20 --tier-weights 0.7 0.8 1.6
+    --family-weights 0.8 3 2.5 2 3 --attn-weight 0.3 --attn-families presence --attn-presence shape --read-weight 0.5)
+  stage runs/exp_read21 --init runs/tiny_vlm_mix15/model --steps 1100 --max-minutes 44 --seed 28 --val-every 550 "${guided[@]}"
+  stage runs/exp_match24 --init runs/exp_read21/model --steps 900 --max-minutes 34 --seed 31 --val-every 450 "${guided[@]}" \
+    --ask-weight 0.3 --match-weight 0.3
+  stage runs/exp_carry25 --init runs/exp_match24/model --steps 1100 --max-minutes 40 --seed 33 --val-every 550 "${guided[@]}" \
+    --early-weight 0.3 --ask-weight 0.3 --carry-weight 0.5
+  stage runs/exp_boost26 --init runs/exp_carry25/model --steps 1000 --max-minutes 36 --seed 34 --val-every 500 "${guided[@]}" \
+    --early-weight 1.0 --ask-weight 0.3 --carry-weight 0.5 --boost-layers 2 --boost-scale 10 --ship "$W"
 fi
 # Latency depends on shapes, not weights: a profile timed on a quiet machine can be kept for retrained
 # weights (SKIP_PROFILE=1); a busy moment inflates every stage (stage 8 kept stage 7's 67.7 ms profile:

@@ -150,6 +150,8 @@ def test_colour_reads_are_the_looked_at_colours_where_legible(tiny):
 
 def test_the_colour_read_teaches_the_guided_layer_the_looked_at_colour():
     model = load_model("tiny")  # the shipped model: its vision tokens show shapes and colours
+    # It was trained with this read (runs 21-26), so its guided layer starts afresh: a random layer 2.
+    model.llm.layers[2].load_state_dict(build_model("tiny", seed=0).llm.layers[2].state_dict())
     samples = [make_sample(8, i, "presence") for i in range(40)]
     samples = [s for s in samples if asked_objects(s, "shape")][:12]
     pre, _ = prepare_with_targets(model.cfg, model.tokenizer, samples, "high", [s.answer for s in samples])
@@ -169,7 +171,7 @@ def test_the_colour_read_teaches_the_guided_layer_the_looked_at_colour():
         opt.step()
         losses.append(loss.item())
         hits.append(guide.read_accuracy)
-    assert losses[-1] < 0.5 * losses[0] and hits[-1] > 0.8 and hits[-1] > hits[0]
+    assert hits[0] < 0.5 and losses[-1] < 0.5 * losses[0] and hits[-1] > 0.8
 
 
 def test_presence_rows_are_the_legible_presence_questions(tiny):
