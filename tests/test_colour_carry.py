@@ -8,7 +8,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from envs.tasks.synthvqa import COLOURS, complement, make_sample
 from envs.vlm.attention_guide import answer_positions
 from envs.vlm.colour_carry import CarryLoss, ColourCarry, asked_colours
-from envs.vlm.train import CARRY_LR_SCALE, TrainArgs, VisionProbe, lr_at, param_groups, prepare_with_targets, train
+from envs.vlm.train import (
+    CARRY_LR_SCALE,
+    TrainArgs,
+    VisionProbe,
+    continue_head,
+    lr_at,
+    param_groups,
+    prepare_with_targets,
+    train,
+)
 from scripts.train_vlm import parse as parse_train_args
 
 
@@ -87,13 +96,17 @@ def test_the_carry_loss_teaches_the_first_layers_to_carry_the_asked_colour(tiny,
     assert losses[-1] < 0.3 * losses[0] and hits[-1] == 1.0 and hits[0] < 0.6
 
 
-def test_train_with_the_carry_logs_it_resumes_it_and_refuses_bad_options(tmp_path, capsys):
+def saved_at(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def test_train_with_the_carry_logs_it_resumes_it_continues_it_and_refuses_bad_options(tmp_path, capsys):
     common = dict(batch_size=6, val_every=1000, val_n=5, ranking_n=3, full_steps=0, warmup=1, p_full=1.0)
     presence = dict(family_weights=(0.0, 1.0, 0.0, 0.0, 0.0), carry_weight=0.5, carry_layers=(1, 3))
     presence |= dict(boost_layers=(2,), boost_scale=10.0)
     run = tmp_path / "carry"
     train(TrainArgs(out=run, steps=2, **presence, **common))
-    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    saved = saved_at(run)
     assert saved["carry"]["readout.weight"].shape == (len(COLOURS), 96)
     rates = [g["lr"] for g in saved["opt"]["param_groups"]]  # plain, plain, boosted, probe, readout
     base = lr_at(1, TrainArgs(out=run, steps=2, **presence, **common))
@@ -103,9 +116,19 @@ def test_train_with_the_carry_logs_it_resumes_it_and_refuses_bad_options(tmp_pat
     carried = [e.value for e in events.Scalars("train/colour_carry")]
     accuracy = [e.value for e in events.Scalars("train/carry_accuracy")]
     assert len(carried) == 3 and all(0 < c < 10 for c in carried) and all(0 <= a <= 1 for a in accuracy)
+    capsys.readouterr()
+    follow = tmp_path / "follow"  # a run from this one's model continues its readout
+    train(TrainArgs(out=follow, steps=1, init=run / "model", **presence, **common))
+    assert f"asked-colour readout continued from {run / 'checkpoint.pt'}" in capsys.readouterr().out
+    head = ColourCarry(96)
+    assert continue_head(head, "readout", run / "model", "carry")  # what that run loaded
+    assert torch.equal(head.readout.weight, saved_at(run)["carry"]["readout.weight"])
     without = tmp_path / "plain"
     train(TrainArgs(out=without, steps=1, **common))
     assert "carry" not in torch.load(without / "checkpoint.pt", weights_only=True)
+    train(TrainArgs(out=tmp_path / "from_plain", steps=1, init=without / "model", **presence, **common))
+    assert "asked-colour readout" not in capsys.readouterr().out  # nothing to continue: a fresh readout
+    assert not continue_head(head, "readout", without / "model", "carry")
     with pytest.raises(ValueError, match="carry-weight"):  # a plain run resumed with the carry, and back
         train(TrainArgs(out=without, steps=2, **presence, **common))
     with pytest.raises(ValueError, match="carry-weight"):

@@ -417,17 +417,27 @@ def save_checkpoint(path: Path, model, probe, opt, step: int, carry: ColourCarry
     os.replace(tmp, path)
 
 
+def continue_head(head: nn.Module, name: str, init: Path, key: str, file: str | None = None) -> bool:
+    """Load a training-only head (`name` in the log) of the run that trained `init`: `init/file` (saved
+    beside the model) if given and there, else entry `key` of the run's `checkpoint.pt`. False if neither."""
+    beside_model = [(init / file, None)] if file else []
+    for path, entry in [*beside_model, (init.parent / "checkpoint.pt", key)]:
+        if not path.is_file():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if entry is None or entry in state:
+            head.load_state_dict(state[entry] if entry else state)
+            print(f"{name} continued from {path}")
+            return True
+    return False
+
+
 def load_probe(probe: VisionProbe, init: Path) -> None:
     """Continue the vision probe of the run that trained `init`: a fresh probe's loss (about 14, against
     under 1 trained) sends large, random gradients into the vision encoder for the first hundred steps.
     Looks for `init/probe.pt` (saved beside each run's model), then the run's `checkpoint.pt` beside `init`."""
-    for path, key in ((init / PROBE_FILE, None), (init.parent / "checkpoint.pt", "probe")):
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            probe.load_state_dict(state[key] if key else state)
-            print(f"vision probe continued from {path}")
-            return
-    print(f"no vision probe beside {init}: it starts afresh")
+    if not continue_head(probe, "vision probe", init, "probe", PROBE_FILE):
+        print(f"no vision probe beside {init}: it starts afresh")
 
 
 def param_groups(model, probe: VisionProbe, args: TrainArgs) -> list[dict]:
@@ -468,11 +478,8 @@ def train(args: TrainArgs) -> Path:
     carry = ColourCarry(model.cfg.llm.d_model).to(args.device) if args.carry_weight > 0 else None  # training-only
     if args.init and not args.reinit_vision:
         load_probe(probe, args.init)
-    if carry is not None and args.init and (args.init.parent / "checkpoint.pt").is_file():
-        state = torch.load(args.init.parent / "checkpoint.pt", map_location="cpu", weights_only=True)
-        if "carry" in state:  # the run that trained `init` carried the asked colour: continue its readout
-            carry.load_state_dict(state["carry"])
-            print(f"asked-colour readout continued from {args.init.parent / 'checkpoint.pt'}")
+    if carry is not None and args.init:  # where the run that trained `init` carried the asked colour too
+        continue_head(carry, "asked-colour readout", args.init, "carry")
     opt = torch.optim.AdamW(param_groups(model, probe, args), lr=args.lr, betas=(0.9, 0.95))
     if carry is not None:
         # a fresh readout at the model's fine-tuning rate needs thousands of steps to grow (run 25's first
