@@ -448,7 +448,7 @@ def param_groups(model, probe: VisionProbe, args: TrainArgs) -> list[dict]:
     boosted = tuple(f"llm.layers.{i}.mlp." for i in args.boost_layers)
     groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}
     for name, p in model.named_parameters():
-        groups[(name.startswith(boosted) if boosted else False, p.ndim >= 2 and "embed" not in name)].append(p)
+        groups[(name.startswith(boosted), p.ndim >= 2 and "embed" not in name)].append(p)  # () matches none
     out = [
         {"params": params, "weight_decay": args.weight_decay if decay else 0.0}
         | ({"lr_scale": args.boost_scale} if boost else {})
