@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.knob_env import TwoStageKnobEnv, config_knobs
+from envs.knob_env import TwoStageKnobEnv
 from envs.oracle import best_static_from_arrays, max_config, oracle_from_arrays, random_feasible_from_arrays
 
 METRICS = ("accuracy", "violation_rate", "violation_rate_feasible", "violation_rate_reachable", "mean_latency_ms",
@@ -110,7 +110,7 @@ def config_chooser(pick):
     """Turn `pick(env) -> config index` into per-step actions (two-stage: tier first)."""
 
     def choose(env, obs, masks):
-        tier, k, b = config_knobs(pick(env))
+        tier, k, b = env.space.config_knobs(pick(env))
         if isinstance(env, TwoStageKnobEnv) and env._stage == 0:
             return np.array([tier, 0, 0])
         return np.array([env._tier if isinstance(env, TwoStageKnobEnv) else tier, k, b])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.knob_env import TwoStageKnobEnv, config_knobs
+from envs.knob_env import TwoStageKnobEnv
 from envs.oracle import expected_scores, oracle_from_arrays
 
 
@@ -63,7 +63,8 @@ def oracle_action(env, scores: np.ndarray | None = None) -> tuple[int, int, int]
     scores = table.score if scores is None else scores
     row = env.backend.valid[env._sample]
     latency = table.latency[row : row + 1] + env.added_latency()[None]
-    return config_knobs(int(oracle_from_arrays(scores[row : row + 1], latency, [env._budget], env.penalty)[0]))
+    best = oracle_from_arrays(scores[row : row + 1], latency, [env._budget], env.penalty)[0]
+    return env.space.config_knobs(int(best))
 
 
 def collect(env, episodes: int, gamma: float, seed: int = 0, oracle: str = "expected",

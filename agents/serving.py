@@ -28,11 +28,11 @@ import torch
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
 from envs.guard import BudgetGuard
-from envs.knob_env import config_index, config_knobs, tier_configs
+from envs.knobs import KnobSpace
 from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
-from policies.networks import N_TIER, N_TOP_K, guard_of
+from policies.networks import guard_of
 from policies.numpy_heads import SingleStageHeads, TwoStageHeads
 
 
@@ -49,7 +49,9 @@ class _Server:
 
     def __init__(self, net, vlm, full_ms: float, latency_model: LatencyModel):
         self.net, self.vlm, self.full_ms, self.latency_model = net.eval(), vlm, float(full_ms), latency_model
-        self.knobs, self.guard = vlm.cfg.knob_lists(), guard_of(net)
+        self.knobs, self.guard, self.space = vlm.cfg.knob_lists(), guard_of(net), net.space
+        if self.space != KnobSpace.from_config(vlm.cfg):
+            raise ValueError(f"the policy acts over knobs {self.space.to_lists()}, the VLM has {self.knobs}")
         predict, added = ConfigLatency(latency_model, self.knobs), net.added_ms.double().numpy()
 
         def both(crops, tokens):
@@ -77,7 +79,7 @@ class _Server:
         has run), else None: the controller decides."""
         if self.guard is None or with_controller.min() <= budget_ms:  # = BudgetGuard.fires on the headroom
             return None
-        tier, ki, bi = config_knobs(self.guard.pick(alone, budget_ms))
+        tier, ki, bi = self.space.config_knobs(self.guard.pick(alone, budget_ms))
         return Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
 
     def serve_config(self, image, question: str, config: Config, timer: StageTimer, t0: float) -> Served:
@@ -120,9 +122,10 @@ class TwoStageServer(_Server):
         ki, bi = self.heads.knobs(side_state[0].float().cpu().numpy(), room)
         if self.guard is None:
             return ki, bi
-        allowed = tier_configs(tier)  # room: the tier's headroom, then its fits
+        allowed = self.space.tier_configs(tier)  # room: the tier's headroom, then its fits
         headroom = room[: allowed.stop - allowed.start]
-        _, ki, bi = config_knobs(self.guard.repaired(config_index(tier, ki, bi), headroom, allowed.start))
+        repaired = self.guard.repaired(self.space.config_index(tier, ki, bi), headroom, allowed.start)
+        _, ki, bi = self.space.config_knobs(repaired)
         return ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
@@ -171,9 +174,10 @@ class SingleStageServer(_Server):
         else:
             with torch.inference_mode():
                 logits = self.net({k: torch.as_tensor(v)[None] for k, v in obs.items()})[0][0].numpy()
-        tier, ki, bi = (int(part.argmax()) for part in np.split(logits, [N_TIER, N_TIER + N_TOP_K]))
+        tier, ki, bi = (int(part.argmax()) for part in self.space.split(logits))
         if self.guard is not None:  # repaired if it does not fit
-            tier, ki, bi = config_knobs(self.guard.repaired(config_index(tier, ki, bi), obs["headroom"]))
+            tier, ki, bi = self.space.config_knobs(self.guard.repaired(self.space.config_index(tier, ki, bi),
+                                                                       obs["headroom"]))  # fmt: skip
         return tier, ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:

@@ -25,7 +25,7 @@ from agents.serving import load_policy, server_for
 from envs.features import stage2_sees
 from envs.outcomes import OutcomeTable, dataset_samples
 from envs.vlm.presets import TIERS
-from policies.networks import N_TOP_K, tier_room
+from policies.networks import tier_room
 
 
 def torch_stage1(net, obs: dict, tier: int):
@@ -39,7 +39,8 @@ def torch_stage1(net, obs: dict, tier: int):
 def torch_heads(net, state: torch.Tensor, room: torch.Tensor):
     with torch.inference_mode():
         logits = net.stage2.knob_logits(state.float(), room)[0]
-        return int(logits[:N_TOP_K].argmax()), int(logits[N_TOP_K:].argmax())
+        n_top_k = net.space.n_top_k
+        return int(logits[:n_top_k].argmax()), int(logits[n_top_k:].argmax())
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -94,6 +94,9 @@ def parse_distribution(spec: str) -> BudgetDistribution:
     return BudgetDistribution(spec, dict(DEFAULTS[spec]))
 
 
+N_BUDGET_FEATURES = 3  # what `budget_features` returns per budget
+
+
 def budget_features(budget_ms: np.ndarray | float, full_ms: float) -> np.ndarray:
     """[log budget (ms), budget / full-config latency, log of that ratio]: log-scale and ratio, never squashed."""
     b = np.asarray(budget_ms, dtype=np.float64)

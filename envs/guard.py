@@ -1,14 +1,14 @@
 """The budget guard: serve without the controller when, once it had run, no config could fit.
 
-A controller costs time (about 0.5 ms for the tiny model's). For a budget between the cheapest
-config's latency and that plus the controller's time, running the network guarantees a violation,
-while a cheap config served straight away would fit. The guard reads the headroom the policy would
-(each config's predicted latency for this request, controller time included, known before any
-vision work): if no config fits, it skips the network and serves the config with the best expected
-reward with only the guard's own time added: expected score minus the penalty (under the default
-indicator penalty of weight 1: the best expected score among the configs that fit, and where none
-does, the best score, as the oracle takes). The guard's time (the request's shapes, one 75-wide
-prediction and comparison) is charged instead of the controller's on the requests it serves.
+A controller costs time. For a budget between the cheapest config's latency and that plus the
+controller's time, running the network guarantees a violation, while a cheap config served straight
+away would fit. The guard reads the headroom the policy would (each config's predicted latency for
+this request, controller time included, known before any vision work): if no config fits, it skips
+the network and serves the config with the best expected reward with only the guard's own time
+added: expected score minus the penalty (under the default indicator penalty of weight 1: the best
+expected score among the configs that fit, and where none does, the best score, as the oracle
+takes). The guard's time (the request's shapes, one prediction and comparison per config) is
+charged instead of the controller's on the requests it serves.
 
 It also repairs (`repair`, on unless turned off): when the controller's config is predicted not to fit
 but another config it could still serve does (two-stage: the same tier, whose crops are encoded),

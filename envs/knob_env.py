@@ -9,8 +9,10 @@ tier = low) and one action picks all three knobs.
 Both observe the budget's `headroom` over each config: log(budget / the config's predicted latency
 for this request, controller time included), from the request's shapes and the latency profile, known
 before any vision work: the configs that fit are the ones with headroom >= 0.
-Both use `MultiDiscrete([3, 5, 5])` with `action_masks()` for MaskablePPO: only the knobs a step
-decides are open; the others are pinned to index 0 (step 0) or to the chosen tier (step 1).
+Both act in the model's knob space (`envs/knobs.py`): `MultiDiscrete(space.nvec)` over (tier, top_k,
+blocks) with `action_masks()` for MaskablePPO: only the knobs a step decides are open; the others are
+pinned to index 0 (step 0) or to the chosen tier (step 1). Observation widths follow the backend: its
+knob space (headroom per config, tier one-hot) and its model (prompt width, stage-2 keys/values).
 Backends: `ReplayBackend` reads an outcome table and cached features (fast); `LiveBackend` runs the
 VLM, with latency from a profile's latency model or measured end to end (`measure=True`).
 reward = score - penalty(latency, budget), latency including controller overhead.
@@ -27,43 +29,45 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.budgets import BudgetDistribution, Penalty, budget_features
+from envs.budgets import N_BUDGET_FEATURES, BudgetDistribution, Penalty, budget_features
 from envs.features import FeatureCache, kv_shape, prefix_kv, prompt_embedding, summarise
 from envs.guard import BudgetGuard
+from envs.knobs import KnobSpace
 from envs.latency import PARTS, ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable
 from envs.tasks.metrics import vqa_soft_accuracy
-from envs.vlm.evaluate import Config, all_configs
-from envs.vlm.presets import TIERS
-
-N_TOP_K, N_BLOCKS = 5, 5
-N_CONFIGS = 3 * N_TOP_K * N_BLOCKS
-
-
-def config_index(tier: int, k: int, b: int) -> int:
-    return (tier * N_TOP_K + k) * N_BLOCKS + b
-
-
-def config_knobs(cfg: int) -> tuple[int, int, int]:
-    """The inverse of `config_index`: (tier, top_k, blocks) indices."""
-    tier, rest = divmod(cfg, N_TOP_K * N_BLOCKS)
-    return tier, rest // N_BLOCKS, rest % N_BLOCKS
-
-
-def tier_configs(tier: int) -> slice:
-    """The config indices of one tier (`config_index(tier, ., .)`)."""
-    return slice(config_index(tier, 0, 0), config_index(tier + 1, 0, 0))
+from envs.vlm.evaluate import all_configs
 
 
 class ReplayBackend:
-    """Outcomes and features recorded beforehand: an episode costs a few array lookups."""
+    """Outcomes and features recorded beforehand: an episode costs a few array lookups.
 
-    def __init__(self, table: OutcomeTable, features: FeatureCache, latency_model: LatencyModel, knob_lists: dict):
-        if len(table.configs) != N_CONFIGS or len(features.prompt) != len(table.sample_ids):
-            raise ValueError("the outcome table and feature cache do not describe the same samples and 75 configs")
-        self.table, self.features, self.latency_model, self.knob_lists = table, features, latency_model, knob_lists
+    `knobs`: the model's knob space (or its knob lists); the table must hold exactly its configs."""
+
+    def __init__(self, table: OutcomeTable, features: FeatureCache, latency_model: LatencyModel,
+                 knobs: KnobSpace | dict):  # fmt: skip
+        space = KnobSpace.of(knobs)
+        if table.configs != space.configs():
+            raise ValueError(
+                f"the outcome table's {len(table.configs)} configs are not the knob space's {space.n_configs} "
+                f"(tier {list(space.tier)} x top_k {list(space.top_k)} x blocks {list(space.blocks)}, in that "
+                "order): build the table for this model's knobs (scripts/build_outcomes.py)"
+            )
+        if len(features.prompt) != len(table.sample_ids) or features.kv.shape[1] != space.n_tier:
+            raise ValueError("the feature cache does not describe the outcome table's samples and tiers")
+        self.table, self.features, self.latency_model, self.space = table, features, latency_model, space
         self.valid = np.flatnonzero(table.ok)
-        self.predicted = ConfigLatency(latency_model, knob_lists)(features.crops, features.position)  # [n, 75]
+        self.predicted = ConfigLatency(latency_model, space)(features.crops, features.position)  # [n, configs]
+
+    @property
+    def d_model(self) -> int:
+        """Width of the prompt and global-view features."""
+        return self.features.prompt.shape[1]
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        """Shape of one tier's stage-2 keys/values (`features.kv_shape`)."""
+        return tuple(self.features.kv.shape[2:])
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -94,12 +98,20 @@ class LiveBackend:
 
     def __init__(self, model, samples: list, latency_model: LatencyModel, measure: bool = False):
         self.model, self.samples, self.latency_model, self.measure = model, samples, latency_model, measure
-        self.knob_lists = model.cfg.knob_lists()
-        self.predictor = ConfigLatency(latency_model, self.knob_lists)
+        self.space = KnobSpace.from_config(model.cfg)
+        self.predictor = ConfigLatency(latency_model, self.space)
         self._state = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.llm.d_model
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        return kv_shape(self.model.cfg)
 
     def prompt(self, i: int) -> np.ndarray:
         return prompt_embedding(self.model, self.samples[i].question)
@@ -109,20 +121,21 @@ class LiveBackend:
 
     def global_view(self, i: int) -> np.ndarray:
         s = self.samples[i]
-        pre, prepared, _ = timed_prefix(self.model, s.image, s.question, TIERS[0], StageTimer(), run_prefix=False)
+        pre, prepared, _ = timed_prefix(self.model, s.image, s.question, self.space.tier[0], StageTimer(),
+                                        run_prefix=False)  # fmt: skip
         return summarise(self.model, prepared, pre)[1][0]
 
     def stage2(self, i: int, tier: int) -> tuple[np.ndarray, np.ndarray, int]:
         s, timer = self.samples[i], StageTimer(self.model.device)
         # layers 0-2 run once, here, before stage 2 decides; stage 2 reads their cached keys/values
-        pre, prepared, state = timed_prefix(self.model, s.image, s.question, TIERS[tier], timer)
+        pre, prepared, state = timed_prefix(self.model, s.image, s.question, self.space.tier[tier], timer)
         self._state = (i, tier, state, timer)
         kv, mask, position = prefix_kv(self.model, state, pre)
         return kv[0], mask[0], int(position[0])
 
     def outcome(self, i: int, cfg: int) -> tuple[float, dict[str, float]]:
-        tier, ki, bi = config_knobs(cfg)
-        k, b = self.knob_lists["top_k"][ki], self.knob_lists["blocks"][bi]
+        tier, ki, bi = self.space.config_knobs(cfg)
+        k, b = self.space.top_k[ki], self.space.blocks[bi]
         if self._state is None or self._state[:2] != (i, tier):
             self.stage2(i, tier)
         _, _, state, timer = self._state
@@ -149,7 +162,8 @@ class _KnobEnv(gym.Env):
         self.backend, self.budgets, self.full_ms = backend, budgets, float(full_ms)
         self.penalty, self.controller_ms = penalty or Penalty(), float(controller_ms)
         self.guard, self.skip_guarded = guard, skip_guarded
-        self.action_space = spaces.MultiDiscrete([3, N_TOP_K, N_BLOCKS])
+        self.space: KnobSpace = backend.space
+        self.action_space = spaces.MultiDiscrete(self.space.nvec)
         self._sample, self._budget, self.guarded = 0, 1.0, False
 
     def _new_request(self, tries: int = 1000):
@@ -165,13 +179,14 @@ class _KnobEnv(gym.Env):
         raise ValueError(f"the guard serves every one of {tries} requests drawn: budgets too tight to train on")
 
     def added_latency(self) -> np.ndarray:
-        """Controller time added to each of the 75 configs' latency (oracle labels use it too)."""
-        return np.full(N_CONFIGS, self.controller_ms)
+        """Controller time added to each config's latency (oracle labels use it too)."""
+        return np.full(self.space.n_configs, self.controller_ms)
 
-    def _finish(self, cfg: int, allowed: slice = slice(0, N_CONFIGS)):
+    def _finish(self, cfg: int, allowed: slice | None = None):
         """Score the request served with the controller's config `cfg` (repaired by the guard if it does
-        not fit and one of the `allowed` configs does), or with the guard's fallback if it serves the
-        request."""
+        not fit and one of the `allowed` configs, default all, does), or with the guard's fallback if it
+        serves the request."""
+        allowed = slice(0, self.space.n_configs) if allowed is None else allowed
         chosen = cfg
         if self.guarded:
             cfg, added = self.guard.pick(self._predicted, self._budget), self.guard.ms
@@ -183,9 +198,7 @@ class _KnobEnv(gym.Env):
         parts["controller"] = parts.get("controller", 0.0) + added
         latency = parts["total"] + added
         parts["total"] = latency
-        tier, ki, bi = config_knobs(cfg)
-        kl = self.backend.knob_lists
-        config = Config(TIERS[tier], kl["top_k"][ki], kl["blocks"][bi])
+        config = self.space.config(cfg)
         reward = score - self.penalty(latency, self._budget)
         info = {"score": score, "latency_ms": latency, "latency_parts": parts, "budget_ms": self._budget,
                 "violation": latency > self._budget, "config": config, "config_index": cfg,
@@ -195,17 +208,20 @@ class _KnobEnv(gym.Env):
 
 
 class TwoStageKnobEnv(_KnobEnv):
-    def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
-                 kv: tuple[int, ...] = (3, 2, 4, 32, 24), guard=None, skip_guarded: bool = False):  # fmt: skip
-        """`kv`: the stage-2 observation's shape (`features.kv_shape(model.cfg)`)."""
+    def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int | None = None,
+                 kv: tuple[int, ...] | None = None, guard=None, skip_guarded: bool = False):  # fmt: skip
+        """`d_model`, `kv`: the prompt's width and the stage-2 keys/values' shape (`features.kv_shape`);
+        default: the backend's."""
         super().__init__(backend, budgets, full_ms, penalty, controller_ms, guard, skip_guarded)
         f32 = np.float32
+        d_model = backend.d_model if d_model is None else d_model
+        kv = backend.kv_shape if kv is None else kv
         self.observation_space = spaces.Dict({
             "stage": spaces.Box(0, 1, (1,), f32),
-            "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
-            "headroom": spaces.Box(-np.inf, np.inf, (N_CONFIGS,), f32),
+            "budget": spaces.Box(-np.inf, np.inf, (N_BUDGET_FEATURES,), f32),
+            "headroom": spaces.Box(-np.inf, np.inf, (self.space.n_configs,), f32),
             "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
-            "tier": spaces.Box(0, 1, (3,), f32),
+            "tier": spaces.Box(0, 1, (self.space.n_tier,), f32),
             "kv": spaces.Box(-np.inf, np.inf, tuple(kv), f32),
             "kv_mask": spaces.Box(0, 1, (kv[3],), f32),
             "position": spaces.Box(0, np.inf, (1,), f32),
@@ -213,7 +229,7 @@ class TwoStageKnobEnv(_KnobEnv):
         self._stage, self._tier = 0, 0
 
     def _obs(self):
-        tier = np.zeros(3, np.float32)
+        tier = np.zeros(self.space.n_tier, np.float32)
         shape = self.observation_space["kv"].shape
         kv, mask, position = np.zeros(shape, np.float32), np.zeros(shape[3], np.float32), 0
         if self._stage == 1:
@@ -233,14 +249,15 @@ class TwoStageKnobEnv(_KnobEnv):
         return self._obs(), {"budget_ms": self._budget, "sample": self._sample, "guarded": self.guarded}
 
     def action_masks(self) -> np.ndarray:
-        tier = np.zeros(3, bool)
-        pinned = np.zeros(N_TOP_K, bool), np.zeros(N_BLOCKS, bool)
+        n_tier, n_top_k, n_blocks = self.space.nvec
+        tier = np.zeros(n_tier, bool)
+        pinned = np.zeros(n_top_k, bool), np.zeros(n_blocks, bool)
         if self._stage == 0:
             tier[:] = True
             pinned[0][0] = pinned[1][0] = True
             return np.concatenate([tier, *pinned])
         tier[self._tier] = True
-        return np.concatenate([tier, np.ones(N_TOP_K, bool), np.ones(N_BLOCKS, bool)])
+        return np.concatenate([tier, np.ones(n_top_k, bool), np.ones(n_blocks, bool)])
 
     def step(self, action):
         action = np.asarray(action).reshape(-1)
@@ -251,24 +268,26 @@ class TwoStageKnobEnv(_KnobEnv):
             self._tier = int(action[0])
             self._stage2 = self.backend.stage2(self._sample, self._tier)
             self._stage = 1
-            return self._obs(), 0.0, False, False, {"tier": TIERS[self._tier]}
-        cfg = config_index(self._tier, int(action[1]), int(action[2]))
-        reward, info = self._finish(cfg, tier_configs(self._tier))  # its crops are encoded: repair within it
+            return self._obs(), 0.0, False, False, {"tier": self.space.tier[self._tier]}
+        cfg = self.space.config_index(self._tier, int(action[1]), int(action[2]))
+        reward, info = self._finish(cfg, self.space.tier_configs(self._tier))  # its crops are encoded: repair within it
         return self._obs(), reward, True, False, info
 
 
 class SingleStageKnobEnv(_KnobEnv):
-    def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int = 96,
+    def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int | None = None,
                  global_ms: float = 0.0, reuse_low: bool = True, guard=None, skip_guarded: bool = False):  # fmt: skip
         """`global_ms`: the cost of encoding the global view first, paid unless tier = low reuses it
         (`reuse_low`: the VLM's own encoder; a distilled light encoder's features cannot be reused).
-        The guard decides before the global view is encoded, so its requests do not pay for it."""
+        The guard decides before the global view is encoded, so its requests do not pay for it.
+        `d_model`: the prompt's and global view's width; default: the backend's."""
         self.global_ms, self.reuse_low = float(global_ms), reuse_low
         super().__init__(backend, budgets, full_ms, penalty, controller_ms, guard, skip_guarded)
         f32 = np.float32
+        d_model = backend.d_model if d_model is None else d_model
         self.observation_space = spaces.Dict({
-            "budget": spaces.Box(-np.inf, np.inf, (3,), f32),
-            "headroom": spaces.Box(-np.inf, np.inf, (N_CONFIGS,), f32),
+            "budget": spaces.Box(-np.inf, np.inf, (N_BUDGET_FEATURES,), f32),
+            "headroom": spaces.Box(-np.inf, np.inf, (self.space.n_configs,), f32),
             "prompt": spaces.Box(-np.inf, np.inf, (d_model,), f32),
             "global_view": spaces.Box(-np.inf, np.inf, (d_model,), f32),
         })  # fmt: skip
@@ -289,17 +308,17 @@ class SingleStageKnobEnv(_KnobEnv):
         return self._obs(), {"budget_ms": self._budget, "sample": self._sample, "guarded": self.guarded}
 
     def action_masks(self) -> np.ndarray:
-        return np.ones(3 + N_TOP_K + N_BLOCKS, bool)
+        return np.ones(self.space.n_logits, bool)
 
     def step(self, action):
         action = np.asarray(action).reshape(-1)
-        reward, info = self._finish(config_index(int(action[0]), int(action[1]), int(action[2])))
+        reward, info = self._finish(self.space.config_index(int(action[0]), int(action[1]), int(action[2])))
         return self._obs(), reward, True, False, info
 
     def added_latency(self) -> np.ndarray:
         """The global crop is encoded before the decision; tier = low reuses it, other tiers pay it."""
         added = super().added_latency()
-        added[N_TOP_K * N_BLOCKS if self.reuse_low else 0 :] += self.global_ms
+        added[self.space.tier_configs(0).stop if self.reuse_low else 0 :] += self.global_ms
         return added
 
 
@@ -325,13 +344,13 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
         features = FeatureCache.build(model, dataset_samples(table.meta["dataset"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         features.save(path)
-    return ReplayBackend(table, features, latency_model, model.cfg.knob_lists())
+    return ReplayBackend(table, features, latency_model, KnobSpace.from_config(model.cfg))
 
 
 def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, cfg, penalty=None,
              controller_ms: float = 0.0, global_ms: float = 0.0, reuse_low: bool = True, guard=None,
              skip_guarded: bool = False):  # fmt: skip
-    """`cfg`: the VLM's config (observation shapes follow its widths)."""
+    """`cfg`: the VLM's config (observation shapes follow its widths; the knob space is the backend's)."""
     d_model = cfg.llm.d_model
     if kind == "two_stage":
         return TwoStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, kv_shape(cfg), guard,

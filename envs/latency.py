@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from envs.knobs import KnobSpace
+
 PARTS = ("controller", "preprocess", "vision", "connector", "prefill", "decode")
 
 
@@ -239,19 +241,21 @@ class LatencyModel:
 
 
 class ConfigLatency:
-    """Predicted latency of every config (in `config_index` order) from a request's shapes, vectorised.
+    """Predicted latency of every config of a knob space (in `KnobSpace.config_index` order) from a
+    request's shapes, vectorised.
 
     What a controller can know before any vision work: the crops and prompt tokens each tier would
     give (`KnobVLM.request_shapes`), through the latency model, with `decode_steps` tokens fed back
     (the answer's length is unknown beforehand; SynthVQA's one-word answers take one).
     """
 
-    def __init__(self, model: LatencyModel, knob_lists: dict, decode_steps: int = 1):
-        kbs = [f"{k}|{b}" for k in knob_lists["top_k"] for b in knob_lists["blocks"]]
+    def __init__(self, model: LatencyModel, knobs: KnobSpace | dict, decode_steps: int = 1):
+        space = KnobSpace.of(knobs)
+        kbs = [f"{k}|{b}" for k in space.top_k for b in space.blocks]
         missing = [kb for kb in kbs if kb not in model.prefill_rest]
         if missing:
             raise ValueError(f"the latency profile has no configs top_k|blocks = {missing}")
-        n_tiers = len(knob_lists["tier"])
+        n_tiers = space.n_tier
         self.tier = np.repeat(np.arange(n_tiers), len(kbs))
         self.rest = np.array([model.prefill_rest[kb] for kb in kbs] * n_tiers)  # [c, 2]
         self.decode = np.array([model.decode_per_token[kb] for kb in kbs] * n_tiers) * decode_steps

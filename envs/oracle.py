@@ -48,7 +48,7 @@ def expected_scores(score: np.ndarray, features: np.ndarray, k: int = 32, rows: 
     estimates E[score | observation]: an oracle that maximises it asks a controller for what it can
     learn, where the per-sample oracle asks it to guess which config one sample happened to get right.
     `shrink` < 1 moves each estimate that far from the config's mean over `rows` towards it: the mean
-    of k neighbours is noisy, and an argmax over 75 noisy estimates picks the lucky ones.
+    of k neighbours is noisy, and an argmax over many noisy estimates picks the lucky ones.
     """
     rows = np.arange(len(score)) if rows is None else np.asarray(rows)
     if len(rows) < 2:
@@ -123,7 +123,7 @@ def pareto_plot(table: OutcomeTable, path, title: str = "") -> None:
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("mean latency (ms)")
     ax.set_ylabel("mean VQA accuracy")
-    ax.set_title(title or "accuracy vs latency of the 75 configs")
+    ax.set_title(title or f"accuracy vs latency of the {len(table.configs)} configs")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

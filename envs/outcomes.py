@@ -2,8 +2,8 @@
 
 Rows hold the answer, its score and the latency parts (from a latency profile's model, applied to
 the request's own crops, prompt length and decode steps). The sweep shares work: per batch and tier
-the crops, vision encoder, connector and LLM layers 0-2 run once, and all 25 (top_k, blocks) pairs
-finish from that prefix.
+the crops, vision encoder, connector and LLM layers 0-2 run once, and every (top_k, blocks) pair
+finishes from that prefix.
 
 Storage is sharded and append-only: shard i (a fixed range of samples) is written to a temporary
 file and renamed into place when complete, so a run killed at any moment (even kill -9) leaves only

@@ -1,10 +1,10 @@
 """Numpy copies of the controllers' small layers, for serving one request at a time.
 
-At batch 1 each torch op costs a few microseconds of dispatch whatever its size, and stage 1 plus
-the stage-2 heads are a few dozen such ops; the same arithmetic in numpy costs about a microsecond
-an op. The controller's time counts inside every request's latency, so the server runs these
-copies. The two-stage budget token's pass through layers 0-2 stays in torch: it rides in the VLM's
-own pass; so does the single-stage Transformer fusion.
+At batch 1 each torch op costs its dispatch overhead whatever its size, and stage 1 plus the
+stage-2 heads are a few dozen such ops; the same arithmetic in numpy dispatches more cheaply. The
+controller's time counts inside every request's latency, so the server runs these copies. The
+two-stage budget token's pass through layers 0-2 stays in torch: it rides in the VLM's own pass;
+so does the single-stage Transformer fusion.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policies.networks import N_TIER, SemanticRouter, SingleStageNet, Stage1Prompt, TwoStageNet
+from policies.networks import SemanticRouter, SingleStageNet, Stage1Prompt, TwoStageNet
 
 
 class Dense:
@@ -54,6 +54,7 @@ class TwoStageHeads:
 
     def __init__(self, net: TwoStageNet):
         s1, s2 = net.stage1, net.stage2
+        self.n_tier = net.space.n_tier
         self.pi = Dense(s1.pi)
         self.prompt_norm = Dense(s1.norm) if isinstance(s1, Stage1Prompt) else None
         self.centroids = s1.centroids.numpy().copy() if isinstance(s1, SemanticRouter) else None
@@ -73,8 +74,9 @@ class TwoStageHeads:
         return int(self.tier_logits(budget, headroom, prompt).argmax())
 
     def tier_logits(self, budget: np.ndarray, headroom: np.ndarray, prompt: np.ndarray | None = None) -> np.ndarray:
-        """Stage 1 (`networks.stage1_budget` and the variant's inputs): budget [3], headroom [75], prompt [d]."""
-        x = [budget, with_fits(headroom.reshape(N_TIER, -1).max(-1))]
+        """Stage 1 (`networks.stage1_budget` and the variant's inputs): budget features, headroom [configs],
+        prompt [d]."""
+        x = [budget, with_fits(headroom.reshape(self.n_tier, -1).max(-1))]
         if self.prompt_norm is not None:
             x.append(self.prompt_norm(prompt))
         elif self.centroids is not None:
@@ -84,10 +86,11 @@ class TwoStageHeads:
         return self.pi(np.concatenate(x))
 
     def budget_token(self, budget: np.ndarray, headroom: np.ndarray, tier: int) -> tuple[np.ndarray, np.ndarray]:
-        """The budget token's input embedding [d] and the chosen tier's room [50] (`networks.tier_room`)."""
-        onehot = np.zeros(N_TIER, np.float32)
+        """The budget token's input embedding [d] and the chosen tier's room [2 * configs per tier]
+        (`networks.tier_room`)."""
+        onehot = np.zeros(self.n_tier, np.float32)
         onehot[tier] = 1
-        room = with_fits(headroom.reshape(N_TIER, -1)[tier])
+        room = with_fits(headroom.reshape(self.n_tier, -1)[tier])
         return self.token(np.concatenate([budget, onehot, room])), room
 
     def knobs(self, state: np.ndarray, room: np.ndarray) -> tuple[int, int]:
@@ -100,7 +103,7 @@ class TwoStageHeads:
 
 
 class SingleStageHeads:
-    """A `SingleStageNet` with MLP fusion, for one request: (tier, top_k, blocks) logits [13]."""
+    """A `SingleStageNet` with MLP fusion, for one request: (tier, top_k, blocks) logits [space.n_logits]."""
 
     def __init__(self, net: SingleStageNet):
         if net.fusion != "mlp":

@@ -1,8 +1,9 @@
 """SB3 (MaskablePPO) policies around the torch networks.
 
 The network maps the observation dict straight to MultiDiscrete logits and a value, so SB3's
-action and value nets are identities. `policy_kwargs` choose the variant and name the VLM whose
-layers 0-2 stage 2 copies; `_get_constructor_parameters` returns them so a saved policy loads again.
+action and value nets are identities. `policy_kwargs` choose the variant, name the VLM whose
+layers 0-2 stage 2 copies and, optionally, the knob lists it acts over (default: the VLM's);
+`_get_constructor_parameters` returns them so a saved policy loads again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from envs.knobs import KnobSpace
 from policies.networks import SingleStageNet, TwoStageNet
 
 
@@ -35,7 +37,7 @@ class _Extractor(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self.latent_dim_pi, self.latent_dim_vf = 13, 1
+        self.latent_dim_pi, self.latent_dim_vf = net.space.n_logits, 1
 
     def forward(self, obs):
         return self.net(obs)
@@ -56,14 +58,27 @@ def _load_vlm(vlm: str):
 
 
 class _KnobPolicy(MaskableActorCriticPolicy):
-    def __init__(self, observation_space, action_space, lr_schedule, vlm: str = "tiny", **kwargs):
-        self.vlm = vlm
+    def __init__(self, observation_space, action_space, lr_schedule, vlm: str = "tiny", knobs: dict | None = None,
+                 **kwargs):  # fmt: skip
+        """`knobs`: the knob lists (`KnobSpace.to_lists()`) the policy acts over; default: the VLM's."""
+        self.vlm, self.knobs = vlm, knobs
         kwargs.setdefault("features_extractor_class", PassThrough)
         kwargs["share_features_extractor"] = True
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _make_net(self) -> nn.Module:
         raise NotImplementedError
+
+    def _knob_space(self, vlm) -> KnobSpace:
+        """The policy's knob space, checked against the action space it was built for."""
+        space = KnobSpace.from_config(vlm.cfg) if self.knobs is None else KnobSpace.from_lists(self.knobs)
+        if tuple(int(n) for n in self.action_space.nvec) != space.nvec:
+            raise ValueError(
+                f"the action space {self.action_space} does not match the knob space {space.to_lists()} "
+                f"(sizes {space.nvec}): pass the environment's knob lists as policy_kwargs['knobs']"
+            )
+        self.knobs = space.to_lists()
+        return space
 
     def _build(self, lr_schedule) -> None:
         self.mlp_extractor = _Extractor(self._make_net())
@@ -78,7 +93,7 @@ class _KnobPolicy(MaskableActorCriticPolicy):
         return data
 
     def _variant(self) -> dict:
-        return {"vlm": self.vlm}
+        return {"vlm": self.vlm, "knobs": self.knobs}
 
 
 class TwoStagePolicy(_KnobPolicy):
@@ -87,10 +102,11 @@ class TwoStagePolicy(_KnobPolicy):
         super().__init__(*args, **kwargs)
 
     def _make_net(self):
-        return TwoStageNet(_load_vlm(self.vlm), self.stage1, self.routes)
+        vlm = _load_vlm(self.vlm)
+        return TwoStageNet(vlm, self.stage1, self.routes, space=self._knob_space(vlm))
 
     def _variant(self):
-        return {"vlm": self.vlm, "stage1": self.stage1, "routes": self.routes}
+        return {**super()._variant(), "stage1": self.stage1, "routes": self.routes}
 
 
 class SingleStagePolicy(_KnobPolicy):
@@ -99,10 +115,11 @@ class SingleStagePolicy(_KnobPolicy):
         super().__init__(*args, **kwargs)
 
     def _make_net(self):
-        return SingleStageNet(_load_vlm(self.vlm), self.fusion)
+        vlm = _load_vlm(self.vlm)
+        return SingleStageNet(vlm, self.fusion, space=self._knob_space(vlm))
 
     def _variant(self):
-        return {"vlm": self.vlm, "fusion": self.fusion}
+        return {**super()._variant(), "fusion": self.fusion}
 
 
 POLICIES = {"two_stage": TwoStagePolicy, "single_stage": SingleStagePolicy}
@@ -116,6 +133,7 @@ def decide(policy: _KnobPolicy, obs: dict, masks: np.ndarray) -> np.ndarray:
     device = policy.device  # a property that walks the parameters: read it once
     with torch.no_grad():
         batch = {k: torch.as_tensor(v, device=device)[None] for k, v in obs.items()}
-        logits, _ = policy.mlp_extractor.net(batch)
+        net = policy.mlp_extractor.net
+        logits, _ = net(batch)
         logits = logits[0].masked_fill(~torch.as_tensor(masks, device=device), -torch.inf)
-        return np.array([int(part.argmax()) for part in torch.split(logits, [3, 5, 5])])
+        return np.array([int(part.argmax()) for part in torch.split(logits, net.space.nvec)])

@@ -7,7 +7,12 @@ from conftest import _envs
 from agents.evaluation import feasible
 from envs.budgets import Penalty
 from envs.guard import BudgetGuard
-from envs.knob_env import N_CONFIGS, SingleStageKnobEnv, TwoStageKnobEnv
+from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
+from envs.knobs import KnobSpace
+from envs.vlm.presets import tiny as tiny_preset
+
+SPACE = KnobSpace.from_config(tiny_preset())  # the knob space of the `world` fixture's model
+N_CONFIGS = SPACE.n_configs
 
 
 def test_guard_fires_only_when_nothing_fits_and_picks_the_best_expected_reward():
@@ -40,7 +45,7 @@ def test_envs_repair_a_config_that_does_not_fit_within_what_the_policy_can_still
     env, _ = _envs(world, cls, controller_ms=2.0, guard=guard)
     plain, _ = _envs(world, cls, controller_ms=2.0, guard=BudgetGuard(guard.scores, ms=0.05, repair=False))
     # the dearest config of a tier; two-stage may only repair within it (low: 0..24), single-stage anywhere
-    action, allowed = ([0, 4, 4], slice(0, 25)) if cls is TwoStageKnobEnv else ([2, 4, 4], slice(0, N_CONFIGS))
+    action, allowed = ([0, 4, 4], SPACE.tier_configs(0)) if cls is TwoStageKnobEnv else ([2, 4, 4], slice(0, N_CONFIGS))
     repaired = 0
     for seed in range(80):
         obs, info = env.reset(seed=seed)

@@ -7,6 +7,7 @@ from conftest import _envs
 from sb3_contrib import MaskablePPO
 
 from envs.knob_env import SingleStageKnobEnv, TwoStageKnobEnv
+from envs.knobs import KnobSpace
 from policies.networks import SemanticRouter, SingleStageNet, Stage1Budget, Stage2Scheduler, TwoStageNet
 from policies.numpy_heads import SingleStageHeads, TwoStageHeads
 from policies.sb3 import SingleStagePolicy, TwoStagePolicy, decide
@@ -18,7 +19,7 @@ def _obs_batch(env, n=4):
 
 
 def test_stage1_option_a_is_about_10k_parameters(tiny):
-    n = sum(p.numel() for p in Stage1Budget(96).parameters())
+    n = sum(p.numel() for p in Stage1Budget(KnobSpace.from_config(tiny.cfg), 96).parameters())
     assert 5_000 <= n <= 15_000
 
 
@@ -63,7 +64,7 @@ def test_stage1_reads_each_tiers_best_headroom_and_stage2_only_the_chosen_tiers(
 def test_semantic_router_routes_to_nearest_centroid():
     prompts = np.concatenate([np.random.default_rng(0).normal(m, 0.01, (20, 4)) for m in (-1, 0, 1)])
     routes = SemanticRouter.fit_routes(prompts, 3)
-    r = SemanticRouter(4, routes)
+    r = SemanticRouter(KnobSpace.from_lists({"tier": ["low", "high"], "top_k": [1], "blocks": [2]}), 4, routes)
     ids = r.route(torch.tensor(prompts, dtype=torch.float32)).numpy()
     assert len(set(ids[:20])) == len(set(ids[20:40])) == len(set(ids[40:])) == 1 and len(set(ids)) == 3
 

@@ -129,13 +129,14 @@ def test_answer_script_serves_a_saved_policy_and_refuses_what_it_cannot(world, v
 @pytest.mark.parametrize("kind", ["two_stage", "single_stage"])
 def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_policy(world, vlm_dir, kind, tmp_path):
     from envs.guard import BudgetGuard
-    from envs.knob_env import N_CONFIGS
+    from envs.knobs import KnobSpace
     from policies.networks import guard_of, set_guard
 
     tiny, _, _, samples = world
     from envs.budgets import Penalty
 
-    guard = BudgetGuard(np.linspace(0.0, 1.0, N_CONFIGS), ms=0.01, penalty=Penalty("relative", 2.0))
+    n_configs = KnobSpace.from_config(tiny.cfg).n_configs
+    guard = BudgetGuard(np.linspace(0.0, 1.0, n_configs), ms=0.01, penalty=Penalty("relative", 2.0))
     if kind == "two_stage":
         _, env = _envs(world, controller_ms=2.0, guard=guard)
         model, cls = _policy(env, vlm_dir, "budget"), TwoStageServer
