@@ -1,6 +1,6 @@
-"""Median end-to-end latency of one request for each of the 75 configs, and the max/min ratio.
+"""Median end-to-end latency of one request for every config of the knob space, and the max/min ratio.
 
-    python scripts/bench_configs.py --model tiny --repeats 5 --out benchmarks/results/tiny_cpu_configs.json
+    python benchmarks/config_latency.py --model tiny --repeats 5 --out benchmarks/results/tiny_cpu_configs.json
 
 All configs decode the same number of tokens (EOS ignored) so only the knobs differ. Configs are
 measured in an interleaved order, round by round, so machine noise spreads over all of them.

@@ -1,6 +1,6 @@
 """Environment speed: replay steps per second (no policy in the loop) and live episodes per second.
 
-python scripts/bench_envs.py --model tiny --out benchmarks/results/env_speed.json
+python benchmarks/env_speed.py --model tiny --out benchmarks/results/env_speed.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.pipeline import Assets
+from envs.assets import Assets
 from envs.budgets import parse_distribution
 from envs.knob_env import LiveBackend, Penalty
 from envs.outcomes import dataset_samples
@@ -23,9 +23,10 @@ def steps_per_second(env, steps: int, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     env.reset(seed=seed)
     t0 = time.perf_counter()
+    splits = np.cumsum(env.action_space.nvec)[:-1]
     for _ in range(steps):
         mask = env.action_masks()
-        action = [rng.choice(np.flatnonzero(m)) for m in np.split(mask, [3, 8])]
+        action = [rng.choice(np.flatnonzero(m)) for m in np.split(mask, splits)]
         _, _, done, _, _ = env.step(action)
         if done:
             env.reset()

@@ -1,8 +1,8 @@
 """Work shared by the outcome sweep vs the naive per-config run: layer evaluations and wall time.
 
-    python scripts/bench_outcomes.py --model tiny --n 20 --out benchmarks/results/outcome_sharing.json
+    python benchmarks/outcome_sharing.py --model tiny --n 20 --out benchmarks/results/outcome_sharing.json
 
-Both runs answer every sample under all 75 configs. The naive run calls the one-call path per
+Both runs answer every sample under every config. The naive run calls the one-call path per
 config (vision and layers 0-2 again each time); the sweep runs them once per (sample, tier).
 Layer evaluations are counted with forward hooks: tokens through each ViT and LLM layer call.
 """
