@@ -33,10 +33,10 @@ SHAPES = ("circle", "square", "triangle", "star")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 FAMILIES = ("colour", "presence", "glyph", "count", "sum")
-VERSION = 3  # bumped whenever a seed's scenes change (2: one letter per glyph scene; 3: 16 px capitals)
+VERSION = 3  # recorded in every outcome table's dataset entry; bumped whenever a seed's scenes change
 # Font sizes: letters (capitals 15-16 px tall, two 8 px patches at native size, 11 px in the medium tier's
-# view, 6 px in the global view) and large digits. The tiny ViT did not learn 5-7 px lowercase letters
-# (vision probe 0.2-0.4 after thousands of steps) nor, from scratch, 11 px capitals in 600 steps.
+# view, 6 px in the global view) and large digits. Letters are drawn as capitals because smaller lower-case
+# glyphs are too few pixels for the tiny ViT to learn, and at this size reading one needs the high tier.
 GLYPH_PT, DIGIT_PT = 22, 40
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calibration": 3, "rl_train": 4}
 TRAINING_SEEDS = (SPLIT_SEEDS["train"], SPLIT_SEEDS["calibration"])  # splits the model was fit or ranked on
@@ -311,14 +311,14 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
     sharing neither where the scene allows (else only the shape), so that checking one attribute
     already pays; "attribute": ask the colour of a small object whose shape no other small object
     has ("what colour is the small star?", the asked shape where it qualifies), else as "hard".
-    Models trained with hard or easy pairs matched the shape and ignored the colour (`README`); the
+    A model can answer hard or easy pairs by matching the shape and ignoring the colour; the
     attribute question is the step presence needs, find the small object of a shape and read its
     colour, with eight answers where presence gives one bit. "recolour": the same question about the
     scene with one small object repainted (a minimal image pair, as in counterfactual VQA data): a
     "yes" scene's asked object in another colour (answer "no"), or a "no" scene's small object of
     the asked shape in the asked colour ("yes"); as "attribute" where no small object has the asked
-    shape. Stage 15 names a small shape's colour (0.92 at the high tier, `reports/errors_stage15_seed9.md`)
-    yet answers presence from the shape; here only the colour at one object changes the answer.
+    shape. Here only the colour at one object changes the answer, so answering presence from the
+    shape alone is wrong on one question of the pair.
     Count: ask about another shape (every mode); the answer is counted from the annotation.
     """
     if mode not in PAIR_MODES:
@@ -331,7 +331,7 @@ def complement(sample: Sample, mode: str = "hard") -> Sample | None:
         if mode == "recolour":
             of_shape = _small_of_shape(sample, shape)
             if of_shape:
-                pick = of_shape[int(rng.integers(len(of_shape)))]  # drawn either way: stage 16's pairs
+                pick = of_shape[int(rng.integers(len(of_shape)))]  # drawn either way, so a seed's pairs never change
                 if sample.answer == "no":
                     return _repainted(sample, pick, colour, "yes")
                 match = next(o for o in of_shape if o.colour == colour)  # the generator draws exactly one

@@ -1,8 +1,8 @@
 """A static-shape execution path behind the same staged API: static KV cache, prompt buckets, graphs.
 
-On a GPU the plain path is bound by kernel launches (see ../shared/anchors): every layer costs
-about 2 ms whatever the token count or top-k, so the knobs barely change latency. Here every phase
-of a request runs over fixed shapes, so it can be captured once and replayed:
+On a GPU the plain path is bound by kernel launches: a layer costs about the same whatever the
+token count or top-k, so the knobs barely change latency (docs/model.md). Here every phase of a
+request runs over fixed shapes, so it can be captured once and replayed:
 
   vision  (crops)                   ViT up to the deepest layer read
   prefix  (batch, bucket)           layers 0-2 over the left-padded prompt, keys/values into the cache
