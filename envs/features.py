@@ -2,11 +2,11 @@
 
 - prompt: the mean input embedding of the question's tokens (known before any vision work).
 - kv (per tier): the keys and values that layers 0-2 cached for the request's prompt during the
-  prefix, which the two-stage flow runs once before stage 2 anyway, at 32 positions: the global
-  view's 16 patch tokens and the last (up to) 16 question tokens, which have attended to every
-  crop. The stage-2 controller runs a budget token through the VLM's own layers 0-2 against these
-  cached entries, so nothing of the prompt is recomputed; `position` is the budget token's rotary
-  position (the prompt length). A fixed-size subset keeps replay observations small.
+  prefix, which the two-stage flow runs once before stage 2 anyway, at a fixed number of positions:
+  the global view's patch tokens and the last (up to) `N_TEXT` question tokens, which have attended
+  to every crop. The stage-2 controller runs a budget token through the VLM's own layers 0-2
+  against these cached entries, so nothing of the prompt is recomputed; `position` is the budget
+  token's rotary position (the prompt length). A fixed-size subset keeps replay observations small.
 - global_view: the mean of the global crop's projected vision tokens (single-stage controllers).
 """
 
@@ -139,11 +139,11 @@ class FeatureCache:
     """Features of every sample of an outcome table, stacked for replay."""
 
     prompt: np.ndarray  # [n, d]
-    kv: np.ndarray  # [n, 3 tiers, *kv_shape]
-    kv_mask: np.ndarray  # [n, 3, positions]
-    position: np.ndarray  # [n, 3]
+    kv: np.ndarray  # [n, tiers, *kv_shape]
+    kv_mask: np.ndarray  # [n, tiers, positions]
+    position: np.ndarray  # [n, tiers]
     global_view: np.ndarray  # [n, d]
-    crops: np.ndarray  # [n, 3]
+    crops: np.ndarray  # [n, tiers]
 
     @classmethod
     def build(cls, model, samples: list, batch_size: int = 64, progress: bool = True) -> FeatureCache:
@@ -171,8 +171,8 @@ class FeatureCache:
 
 
 def cache_key(model, table_meta: dict) -> str:
-    """Changes whenever the model weights or the table's dataset change. Hashes the weights' bytes:
-    a float sum of each tensor (as before) differed with the number of threads, and rebuilt caches."""
+    """Changes whenever the model weights or the table's dataset change. Hashes the weights' bytes, so
+    the key does not depend on the number of threads (a float sum of each tensor would)."""
     h = hashlib.sha1(FORMAT.encode() + json.dumps(table_meta.get("dataset"), sort_keys=True).encode())
     for v in model.state_dict().values():
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -130,7 +130,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def full_tier_image(crop_size: int = 64) -> np.ndarray:
     """A noise image whose tiers reach 1 / 5 / 13 views: 1008 x 1344 px at a 336 px crop (MolmoE-1B's
-    high tier then has its largest prompt, about 1,900 tokens). Sizes scale with the crop size."""
+    high tier then has its largest prompt). Sizes scale with the crop size."""
     h, w = 1008 * crop_size // 336, 1344 * crop_size // 336
     return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
 

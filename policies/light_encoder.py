@@ -19,6 +19,8 @@ from envs.vlm.crops import make_crops
 
 
 class LightEncoder(nn.Module):
+    """A small CNN from the global crop's pixels [B, 3, S, S] to features of the VLM's width [B, d_model]."""
+
     def __init__(self, d_model: int, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
@@ -57,6 +59,7 @@ def distill(vlm, pixels: np.ndarray, targets: np.ndarray, epochs: int = 30, lr: 
 
 
 def encode(enc: LightEncoder, pixels: np.ndarray) -> np.ndarray:
+    """Features of global crops (`global_pixels`), without gradients: [n, d_model]."""
     with torch.no_grad():
         return enc(torch.as_tensor(pixels)).numpy()
 

@@ -75,6 +75,7 @@ def test_config_latency_predicts_every_config_as_the_latency_model_does(tiny):
         ConfigLatency(lm, {**knobs, "top_k": [3]})
 
 
+@pytest.mark.slow
 def test_profile_has_every_stage_and_config(tiny):
     prof = profile_latency(tiny, repeats=1, warmup=0, new_tokens=2, progress=False)
     assert len(prof["configs"]) == 75 and len(prof["stages"]) == 12
@@ -88,6 +89,7 @@ def _dataset(n):
     return dataset_spec(9, n)
 
 
+@pytest.mark.slow
 def test_table_rows_scores_and_latency(model_dir, tmp_path):
     out = build_outcomes(model_dir, _dataset(5), tmp_path / "t", fake_latency(), CONFIGS, shard_size=2,
                          batch_size=3, progress=False)  # fmt: skip
@@ -109,6 +111,7 @@ def test_table_rows_scores_and_latency(model_dir, tmp_path):
     assert [json.loads(x)["config"] for x in export[:4]] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_retime_applies_another_profile_without_touching_answers(model_dir, tmp_path):
     src = build_outcomes(model_dir, _dataset(5), tmp_path / "t", fake_latency(), CONFIGS, shard_size=2,
                          batch_size=3, progress=False)  # fmt: skip
@@ -158,6 +161,7 @@ def test_bad_sample_is_recorded_and_does_not_stop_the_sweep(model_dir, tmp_path)
     assert table.valid().score.shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_exactly_the_clean_table(model_dir, tmp_path):
     clean = build_outcomes(model_dir, _dataset(8), tmp_path / "clean", fake_latency(), CONFIGS, shard_size=2,
                            progress=False)  # fmt: skip
@@ -202,6 +206,7 @@ def test_a_table_of_other_weights_or_an_older_generator_is_refused(model_dir, tm
         dataset_samples({"kind": "synthvqa", "seed": 9, "n": 2})  # a table from before versions were recorded
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_same_table(model_dir, tmp_path):
     ray = pytest.importorskip("ray")
     local = build_outcomes(model_dir, _dataset(4), tmp_path / "local", fake_latency(), CONFIGS, shard_size=2,
