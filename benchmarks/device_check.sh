@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's one prepared GPU run (about 2-3 minutes on an H100): the fast path checked against the
+# One prepared GPU run (a few minutes on an H100): the fast path checked against the
 # plain path and both timed on the molmoe-1b preset, the project's profiler on both paths, then
 # where the fast path's time goes (each phase's replay against its kernels).
 # Usage on the device machine: bash benchmarks/device_check.sh   (results land in $OUT or benchmarks/results)

@@ -1,4 +1,4 @@
-"""Issue 6's device check: does the fast path make the knobs pay off in wall-clock time?
+"""Device check: does the fast path make the knobs pay off in wall-clock time?
 
     python benchmarks/fast_path.py --preset molmoe-1b --device cuda --out benchmarks/results/fast_path_h100.json
     python benchmarks/fast_path.py --preset tiny --device cpu --out /tmp/fast_path_cpu.json   # dry run

@@ -2,10 +2,10 @@
 
     python benchmarks/preprocess.py --preset molmoe-1b --out benchmarks/results/preprocess_molmoe1b_cpu.json
 
-The float path (`float_path_crops`, what `make_crops` did before) turned every view into float32 and
-normalised it in several passes over the array. `make_crops` keeps views as uint8 and normalises with
-one table lookup per channel. On the H100 machine the high tier's preprocessing took 46 ms, as long as
-all of the fast path's GPU stages, so this is host time every request at that tier pays. Both paths
+The float path (`float_path_crops`, the reference) turns every view into float32 and normalises it
+in several passes over the array. `make_crops` keeps views as uint8 and normalises with one table
+lookup per channel. At the high tier this host work is comparable to the fast path's GPU stages, and
+every request at that tier pays it. Both paths
 must give identical pixels and patch masks: checked here on every image timed and on random sizes.
 """
 
@@ -40,7 +40,7 @@ def _float_fit(img: Image.Image, height: int, width: int):
 
 
 def float_path_crops(image, max_crops: int, cfg) -> Crops:
-    """The reference: float32 views, normalised after stacking (the code `make_crops` replaced)."""
+    """The reference: float32 views, normalised after stacking (the straightforward implementation)."""
     img = load_image(image)
     size, patch = cfg.crop_size, cfg.patch_size
     pixels, mask, placement = _float_fit(img, size, size)
