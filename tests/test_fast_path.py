@@ -92,12 +92,12 @@ def test_training_still_takes_the_plain_path(model, images):
 
 
 def test_bfloat16_tolerance():
-    """bf16 on CPU: first-token logits within 2% of their largest magnitude; the shipped model's
+    """bf16 on CPU: first-token logits within 2% of their largest magnitude; the embedded model's
     first answer token unchanged wherever its margin exceeds twice that bound (an undecided
     yes/no, margin 0.0 in bf16, may flip). Differences come from the padded shapes' reduction order."""
     for model, check_answers in ((build_model("tiny", seed=0), False), (load_model("tiny"), True)):
         model = model.to(torch.bfloat16)
-        samples = [make_sample(2, i) for i in range(10)]  # 20 first tokens: the stage-8 model is decided on 7
+        samples = [make_sample(2, i) for i in range(10)]  # 20 first tokens, enough decided ones to compare
         plain, fast = both_paths(model, [s.image for s in samples], [s.question for s in samples], "medium",
                                  [(8, 13), (2, 7)], max_new_tokens=3)  # fmt: skip
         decided = 0

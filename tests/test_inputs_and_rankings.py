@@ -162,7 +162,7 @@ def test_answer_cli_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_uint8_crops_give_the_float_paths_pixels_exactly(tmp_path):
-    """make_crops normalises uint8 views by table lookup: bit-identical to the float path it replaced
+    """make_crops normalises uint8 views by table lookup: bit-identical to the float reference path
     (benchmarks/preprocess.py holds that path; its run asserts equality on random sizes and every tier)."""
     bench = load_benchmark("preprocess.py")
     out = tmp_path / "pre.json"
