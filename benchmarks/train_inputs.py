@@ -24,7 +24,8 @@ import torch
 from envs.latency import median_ms
 from envs.vlm.checkpoint import build_model
 from envs.vlm.presets import TIERS
-from envs.vlm.train import StepMaker, TrainArgs, step_inputs
+from training.args import TrainArgs
+from training.batches import StepMaker, step_inputs
 
 RECIPE = dict(
     batch_size=32, full_steps=0, p_full=0.5, dense_aux_batch=4, complement_pairs="easy",

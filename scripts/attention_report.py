@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from envs.tasks.synthvqa import FAMILIES, PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, asks_presence, presence_kind
-from envs.vlm.attention_guide import AttentionGuide, guide_masks
+from training.aids.attention_guide import AttentionGuide, guide_masks
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.model import preprocess_requests

@@ -24,7 +24,7 @@ import torch
 
 from envs.tasks.synthvqa import COLOURS, TRAINING_SEEDS, asked_object, make_sample
 from envs.tasks.synthvqa import asked_objects as looked_at
-from envs.vlm.attention_guide import answer_positions
+from training.aids.attention_guide import answer_positions
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.model import preprocess_requests

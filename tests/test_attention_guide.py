@@ -17,7 +17,10 @@ from envs.tasks.synthvqa import (
     make_sample,
     presence_kind,
 )
-from envs.vlm.attention_guide import (
+from envs.vlm.checkpoint import build_model, load_model
+from envs.vlm.staged import attention_mask
+from scripts.attention_report import main as attention_report
+from training.aids.attention_guide import (
     AttentionGuide,
     answer_attention,
     answer_positions,
@@ -28,11 +31,10 @@ from envs.vlm.attention_guide import (
     presence_rows,
     target_positions,
 )
-from envs.vlm.checkpoint import build_model, load_model
-from envs.vlm.staged import attention_mask
-from envs.vlm.train import TrainArgs, prepare_with_targets, train
-from scripts.attention_report import main as attention_report
-from scripts.train_vlm import parse as parse_train_args
+from training.args import TrainArgs
+from training.cli import parse as parse_train_args
+from training.trainer import train
+from training.vision_probe import prepare_with_targets
 
 
 @pytest.mark.parametrize("family", ["colour", "presence", "glyph", "count", "sum"])

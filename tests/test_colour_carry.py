@@ -6,19 +6,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from envs.tasks.synthvqa import COLOURS, complement, make_sample
-from envs.vlm.attention_guide import answer_positions
-from envs.vlm.colour_carry import CarryLoss, ColourCarry, asked_colours
-from envs.vlm.train import (
-    CARRY_LR_SCALE,
-    TrainArgs,
-    VisionProbe,
-    continue_head,
-    lr_at,
-    param_groups,
-    prepare_with_targets,
-    train,
-)
-from scripts.train_vlm import parse as parse_train_args
+from training.aids.attention_guide import answer_positions
+from training.aids.colour_carry import CARRY_LR_SCALE, CarryLoss, ColourCarry, asked_colours
+from training.args import TrainArgs
+from training.checkpoints import continue_head
+from training.cli import parse as parse_train_args
+from training.trainer import lr_at, param_groups, train
+from training.vision_probe import VisionProbe, prepare_with_targets
 
 
 def test_asked_colours_follow_the_presence_question():

@@ -12,7 +12,7 @@ from envs.tasks.dense_scenes import make_dense_sample
 from envs.tasks.synthvqa import DIGIT_PT, GLYPH_PT, SceneObject, _font, make_sample, shown_glyph
 from envs.vlm.crops import make_crops
 from envs.vlm.presets import get_preset
-from envs.vlm.train import VisionProbe, probe_targets
+from training.vision_probe import VisionProbe, probe_targets
 
 VISION = get_preset("tiny").vision
 MAX_CROPS = get_preset("tiny").knobs.max_crops

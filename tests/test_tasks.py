@@ -160,7 +160,7 @@ def test_complement_refuses_an_unknown_mode():
 
 @pytest.mark.parametrize("mode", ["hard", "easy", "attribute", "recolour"])
 def test_task_batch_puts_each_complement_after_its_question(mode):
-    from envs.vlm.train import task_batch
+    from training.batches import task_batch
 
     plain = task_batch(make_sample, 0, 3, 32, pairs="none")
     paired = task_batch(make_sample, 0, 3, 32, pairs=mode)

@@ -10,18 +10,12 @@ from conftest import load_benchmark
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
-from envs.vlm.train import (
-    AnswerNormPenalty,
-    StepMaker,
-    TrainArgs,
-    VisionProbe,
-    family_mix,
-    lr_at,
-    sample_knobs,
-    step_inputs,
-    train,
-)
 from scripts.eval_vlm import main as eval_main
+from training.aids.norm_cap import AnswerNormPenalty
+from training.args import TrainArgs
+from training.batches import StepMaker, family_mix, sample_knobs, step_inputs
+from training.trainer import lr_at, train
+from training.vision_probe import VisionProbe
 
 
 def test_sample_knobs_cover_the_knob_space():
@@ -143,7 +137,7 @@ def test_max_minutes_ends_the_run_early_and_still_ranks_and_saves(tmp_path, caps
 
 
 def test_dense_aux_batch_adds_dense_scenes_to_the_joint_vision_loss(tmp_path, monkeypatch):
-    import envs.vlm.train as train_module
+    import training.batches as train_module
 
     seen = []
     real = train_module.make_dense_sample
@@ -210,7 +204,7 @@ def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
     ],
 )
 def test_train_vlm_refuses_contradictory_flags(argv, capsys):
-    from scripts.train_vlm import parse
+    from training.cli import parse
 
     with pytest.raises(SystemExit):
         parse(argv)
@@ -218,7 +212,7 @@ def test_train_vlm_refuses_contradictory_flags(argv, capsys):
 
 
 def test_train_vlm_reads_guided_layers_as_a_tuple():
-    from scripts.train_vlm import parse
+    from training.cli import parse
 
     args = parse(["--attn-weight", "0.3", "--attn-layers", "2", "7", "--attn-head", "0"])
     assert (args.attn_weight, args.attn_layers, args.attn_head) == (0.3, (2, 7), 0)
@@ -280,7 +274,7 @@ def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene
 
 
 def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_path, capsys):
-    from envs.vlm.train import PROBE_FILE, VisionProbe, load_probe
+    from training.vision_probe import PROBE_FILE, load_probe
 
     common = dict(batch_size=2, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
     first = train(TrainArgs(out=tmp_path / "a", steps=1, **common))
@@ -297,6 +291,8 @@ def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_
     assert all(torch.equal(probe.state_dict()[k], saved[k]) for k in saved)
     train(TrainArgs(out=tmp_path / "b", steps=1, init=first, **common))
     assert f"vision probe continued from {tmp_path / 'a' / 'checkpoint.pt'}" in capsys.readouterr().out
+    train(TrainArgs(out=tmp_path / "fresh", steps=1, init=first, fresh_probe=True, **common))
+    assert "vision probe continued" not in capsys.readouterr().out  # --fresh-probe: started afresh
     src = build_model("tiny", seed=3)
     save_model(src, tmp_path / "src")
     train(TrainArgs(out=tmp_path / "c", steps=1, init=tmp_path / "src", **common))

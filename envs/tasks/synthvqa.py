@@ -257,7 +257,7 @@ def asked_objects(sample: Sample, presence: str = "match") -> tuple[SceneObject,
     shape (colour), the small object of the asked colour and shape (presence: none on a "no"), the
     small objects of the asked shape ("what colour is the small <shape>?"), the objects of the asked
     shape (count), the letter (glyph), the digits (sum). Guided-attention training points the answer
-    position at them (`envs/vlm/attention_guide.py`). `presence="shape"` answers "is there a small
+    position at them (`training/aids/attention_guide.py`). `presence="shape"` answers "is there a small
     <colour> <shape>?" with the small objects of the asked shape instead, the ones whose colour decides
     (a reader's first step: find the small stars, then check their colour)."""
     if presence not in PRESENCE_LOOKS:
@@ -285,7 +285,7 @@ PRESENCE_KINDS = ("present", "shape elsewhere", "colour elsewhere", "both elsewh
 def presence_kind(sample: Sample) -> str:
     """What a presence scene's small objects share with the asked (colour, shape): "present", or for a
     "no" which attribute some small object has ("shape elsewhere": a small star, none of them red).
-    Splits presence accuracy into what a model checks (scripts/error_report.py)."""
+    Splits presence accuracy into what a model checks (diagnostics/error_report.py)."""
     if sample.family != "presence":
         raise ValueError(f"presence_kind needs a presence question, got family {sample.family!r}")
     colour, shape = asked_object(sample.question)

@@ -1,38 +1,55 @@
-"""Guided attention: a training loss on where the answer position looks.
+"""Guided attention: a training loss on where the answer position looks, and what it reads there.
 
-Why: stage 15 names the colour of a small shape at 0.92 (high tier) yet rejects only a third of the
-presence scenes whose small star has another colour than the one asked (`reports/errors_stage15_seed9.md`):
-the vision tokens carry shape and colour, but the answer position does not read the asked object's.
-More presence questions and minimal image pairs did not change that. Here one attention head of
-the answer position (by default at layer 2, which every config runs) is told which vision tokens show the objects the
-question is about (`synthvqa.asked_objects`), or, where the scene has none, the first token (a null
-target): the loss is -log of the attention mass there, as supervised-attention VQA models train
-attention maps toward where people looked. For presence the target is the small object of the
-asked colour *and* shape: a head whose score adds a colour match to a shape match can put its mass
-on a token that matches both and on the null token otherwise, so what it reads is the answer.
+The vision tokens can carry an object's shape and colour while the answer position never reads the
+asked object's. Here one attention head of the answer position (by default at layer 2, which every
+config runs) is told which vision tokens show the objects the question is about
+(`synthvqa.asked_objects`), or, where the scene has none, the first token (a null target): the loss
+is -log of the attention mass there, as supervised-attention VQA models train attention maps toward
+where people looked. For presence the target is the small object of the asked colour *and* shape,
+so a head that scores a colour match plus a shape match reads the answer itself.
 
-`answer_attention` recomputes that head's softmax from the layer's input with the layer's own
+Presence can also be taught as two steps (`--attn-presence shape --read-weight W`): the head looks
+at the small objects of the asked shape, and the guided layer's output at the answer position must
+name their colours through the model's own LM head (`colour_reads`); comparing that colour with the
+asked one is left to the later layers, which `--early-weight` asks to answer by the guided layer.
+
+`answer_attention` recomputes the head's softmax from the layer's input with the layer's own
 weights (norm, q/k projections and norms, rotary), so the loss sees the probabilities `run_layer`
-used, and nothing in the served forward changes. Measured (README, runs 18 and 19): the head learns
-to look at the named objects (0.8-1.0 of its mass for colour, glyph, count and sum), but for presence
-it trades finding the object for rejecting its look-alikes, and presence accuracy stayed where it was.
-
-So presence can also be taught as two steps (`--attn-presence shape --read-weight W`): the head looks
-at the small objects of the asked shape (one attribute, which it learns), and the guided layer's output
-at the answer position must name their colours through the model's own LM head (`colour_reads`); what
-is left for the later layers is comparing that colour with the asked one.
+used, and nothing in the served forward changes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from envs.tasks.dense_labels import object_token_mask
-from envs.tasks.synthvqa import COLOURS, FAMILIES, SMALL_SIZE, asked_object, asked_objects, asks_presence
+from envs.tasks.synthvqa import (
+    COLOURS,
+    FAMILIES,
+    PRESENCE_LOOKS,
+    SMALL_SIZE,
+    asked_object,
+    asked_objects,
+    asks_presence,
+)
 from envs.vlm.model import Prepared, Preprocessed
 from envs.vlm.staged import rotate_half
+from training.aids.base import LossTerm, Part
+
+
+@dataclass
+class AttentionGuideOptions:
+    attn_weight: float = 0.0  # > 0: guide where the answer position looks
+    attn_layers: tuple[int, ...] = (2,)  # layers whose `attn_head` is guided (0-2 run in every config)
+    attn_head: int = 1
+    attn_families: tuple[str, ...] = field(default=FAMILIES, metadata={"choices": FAMILIES, "metavar": "FAMILY"})
+    attn_presence: str = field(default="match", metadata={"choices": PRESENCE_LOOKS})  # or "shape": see asked_objects
+    read_weight: float = 0.0  # > 0: name the looked-at colours at the guided layers (two-step presence)
+    early_weight: float = 0.0  # > 0: presence answers read at the guided layers too (deep supervision)
 
 
 def answer_positions(targets: torch.Tensor) -> torch.Tensor:
@@ -137,8 +154,7 @@ def match_positions(samples: list, pre: Preprocessed, tokenizer, length: int, ro
     """Bool [B, length]: for the `rows` (`presence_rows`), the question's colour word where the answer
     is "yes" and the first token (<bos>) where it is "no"; nothing elsewhere. A head guided here has to
     score the colour word by whether the colour found in the image equals it: a query-key product is
-    the bilinear form an equality test needs, which a sum of one-hot features fed to an MLP only
-    reaches from a flat start (the early answer stayed at ln 2 for 450 steps with both colours there)."""
+    the bilinear form an equality test needs."""
     out = asked_colour_positions(samples, pre, tokenizer, length)
     for i, s in enumerate(samples):
         if not rows[i]:
@@ -256,3 +272,61 @@ class AttentionGuide:
     def mass(self) -> float:
         """Mean attention mass on the targets at the guided layers (what the loss pushes toward 1)."""
         return float(torch.stack(self.row_masses).mean()) if self.row_masses else float("nan")
+
+
+def check_guided_head(args, name: str, llm) -> None:
+    """The rule every guided head follows: `<name>_weight` >= 0, `<name>_layers` non-empty layers of
+    the LLM, `<name>_head` one of its heads."""
+    weight, layers, head = (getattr(args, f"{name}_{part}") for part in ("weight", "layers", "head"))
+    if weight < 0 or not layers or not 0 <= head < llm.heads:
+        raise ValueError(f"{name}_weight must be >= 0, {name}_layers non-empty and {name}_head in 0..{llm.heads - 1}")
+    if any(not 0 <= i < llm.layers for i in layers):
+        raise ValueError(f"{name}_layers must lie in 0..{llm.layers - 1}, got {layers}")
+
+
+class GuidedAttention(LossTerm):
+    """`--attn-weight`, `--read-weight`, `--early-weight`: the three losses of `AttentionGuide` at
+    `--attn-layers` / `--attn-head`, each with its own weight."""
+
+    options = AttentionGuideOptions
+
+    @classmethod
+    def active(cls, args) -> bool:
+        return args.attn_weight > 0 or args.read_weight > 0 or args.early_weight > 0
+
+    @classmethod
+    def check(cls, args, llm) -> None:
+        check_guided_head(args, "attn", llm)
+        if not args.attn_families or any(f not in FAMILIES for f in args.attn_families):
+            raise ValueError(f"attn_families must name some of {FAMILIES}, got {args.attn_families}")
+        if args.attn_presence not in PRESENCE_LOOKS or args.read_weight < 0:
+            raise ValueError(f"attn_presence must be one of {PRESENCE_LOOKS} and read_weight >= 0")
+        if args.early_weight < 0:
+            raise ValueError("early_weight must be >= 0")
+
+    @classmethod
+    def targets(cls, args, samples: list, pre, tokenizer, tokens_per_side: int):
+        """(attention masks, colour reads, early rows); masks all None when only reads or early are asked."""
+        masks = reads = early = None
+        if args.attn_weight > 0:
+            masks = guide_masks(samples, pre.crops, tokens_per_side, args.attn_families, args.attn_presence)
+        if args.read_weight > 0:
+            reads = colour_reads(samples, pre.crops, tokens_per_side)
+        if args.early_weight > 0:
+            early = presence_rows(samples, pre.crops, tokens_per_side)
+        return masks or [None] * len(samples), reads, early
+
+    def hook(self, model, pre, prepared, targets) -> AttentionGuide:
+        masks, reads, early = targets
+        return AttentionGuide(model, pre, prepared, masks, self.args.attn_layers, self.args.attn_head, reads, early)
+
+    def parts(self, guide: AttentionGuide) -> list[Part]:
+        args, out = self.args, []
+        if guide.terms:
+            out.append(Part("attn", "attention_guide", guide.value(), args.attn_weight, {"attention_mass": guide.mass}))
+        if guide.read_terms:
+            more = {"colour_read_accuracy": guide.read_accuracy}
+            out.append(Part("read", "colour_read", guide.read_value(), args.read_weight, more))
+        if guide.early_terms:
+            out.append(Part("early", "early_answer", guide.early_value(), args.early_weight))
+        return out
