@@ -32,7 +32,7 @@ ORACLES = ("expected", "sample")
 
 
 def oracle_scores(backend, oracle: str = "expected", k: int = 32, shrink: float = 0.5) -> np.ndarray:
-    """[rows, 75] scores the oracle maximises: each sample's own ("sample"), or expected scores over
+    """[rows, configs] scores the oracle maximises: each sample's own ("sample"), or expected scores over
     the k requests nearest in prompt and global-view features, moved `shrink` of the way from each
     config's overall mean ("expected", `envs.oracle.expected_scores`).
 
