@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diagnostics.attention_report import main as attention_report
 from envs.tasks.synthvqa import (
     COLOURS,
     SMALL_SIZE,
@@ -19,7 +20,6 @@ from envs.tasks.synthvqa import (
 )
 from envs.vlm.checkpoint import build_model, load_model
 from envs.vlm.staged import attention_mask
-from scripts.attention_report import main as attention_report
 from training.aids.attention_guide import (
     AttentionGuide,
     answer_attention,

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from diagnostics.presence_probe import labels, main, probe_accuracy
 from envs.tasks.synthvqa import COLOURS, SPLIT_SEEDS, make_sample
-from scripts.presence_probe import labels, main, probe_accuracy
 
 
 def test_probe_reads_a_linear_variable_and_not_noise():

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import load_benchmark
 
+from diagnostics.eval_vlm import main as eval_main
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
-from scripts.eval_vlm import main as eval_main
 from training.aids.norm_cap import AnswerNormPenalty
 from training.args import TrainArgs
 from training.batches import StepMaker, family_mix, sample_knobs, step_inputs
@@ -253,7 +253,7 @@ def test_train_refuses_an_unknown_complement_rule(tmp_path):
 
 
 def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene(tiny, monkeypatch, capsys, tmp_path):
-    import scripts.answer_state as answer_state
+    import diagnostics.answer_state as answer_state
     from envs.tasks.synthvqa import FAMILIES, make_sample
 
     out = answer_state.main(["--n", "3", "--tier", "low", "--json"])
@@ -300,14 +300,18 @@ def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_
 
 
 def test_compare_models_reports_each_model_on_its_configs_and_refuses_a_missing_one(tmp_path):
-    from scripts.compare_models import CONFIGS
-    from scripts.compare_models import main as compare_main
+    from diagnostics.compare_models import comparison_configs
+    from diagnostics.compare_models import main as compare_main
 
     out = tmp_path / "compare.json"
     result = compare_main(["--seed", "9", "--n", "5", "--models", "tiny", "--out", str(out)])
     assert json.loads(out.read_text()) == result and list(result["models"]) == ["tiny"]
     rows = result["models"]["tiny"]
-    assert [(r["tier"], r["top_k"], r["blocks"]) for r in rows] == [(c.tier, c.top_k, c.blocks) for c in CONFIGS]
+    configs = comparison_configs(build_model("tiny", device="meta").cfg.knob_lists())
+    assert [(c.tier, c.top_k, c.blocks) for c in configs] == [
+        ("high", 8, 13), ("high", 1, 11), ("high", 8, 5), ("medium", 8, 13), ("low", 8, 13), ("low", 1, 5)
+    ]  # fmt: skip
+    assert [(r["tier"], r["top_k"], r["blocks"]) for r in rows] == [(c.tier, c.top_k, c.blocks) for c in configs]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     with pytest.raises(SystemExit, match="model directory not found"):
         compare_main(["--n", "5", "--models", str(tmp_path / "missing")])
@@ -358,7 +362,7 @@ def test_train_inputs_benchmark_times_every_tier_and_worker_count(tmp_path, caps
 
 
 def test_family_errors_counts_confusions_signed_errors_and_yes_bias():
-    from scripts.error_report import family_errors
+    from diagnostics.error_report import family_errors
 
     e = family_errors(["6", "6", "2", "3", "3"], ["5", "5", "1", "3", "blue"])
     assert e["n"] == 5 and e["accuracy"] == pytest.approx(0.2)
@@ -375,7 +379,7 @@ def test_family_errors_counts_confusions_signed_errors_and_yes_bias():
 
 
 def test_accuracy_by_kind_keeps_the_kinds_order_and_normalises():
-    from scripts.error_report import accuracy_by_kind
+    from diagnostics.error_report import accuracy_by_kind
 
     got = accuracy_by_kind(["shape elsewhere", "present", "shape elsewhere"], ["no", "yes", "no"], ["yes", "Yes", "no"])
     assert list(got) == ["present", "shape elsewhere"] and got["present"] == [1.0, 1]
@@ -383,7 +387,7 @@ def test_accuracy_by_kind_keeps_the_kinds_order_and_normalises():
 
 
 def test_error_report_covers_every_family_per_config_and_refuses_bad_configs(tmp_path, capsys):
-    from scripts.error_report import main as errors_main
+    from diagnostics.error_report import main as errors_main
 
     out = tmp_path / "errors.json"
     report = errors_main(["--seed", "9", "--n", "10", "--configs", "high/8/13", "low/1/5", "--out", str(out)])
