@@ -150,6 +150,7 @@ def test_colour_reads_are_the_looked_at_colours_where_legible(tiny):
     assert not colour_reads(samples, low.crops, side).any()  # 10 px objects: illegible in the global view
 
 
+@pytest.mark.slow
 def test_the_colour_read_teaches_the_guided_layer_the_looked_at_colour():
     model = load_model("tiny")  # the shipped model: its vision tokens show shapes and colours
     # It was trained with this read (runs 21-26), so its guided layer starts afresh: a random layer 2.
@@ -277,6 +278,7 @@ def test_answer_attention_is_the_probabilities_the_layer_used(tiny, batch):
             assert torch.allclose(mine, full[torch.arange(len(samples)), query], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_guide_loss_moves_the_head_toward_the_targets_and_only_moves_queries_and_keys(batch):
     model = build_model("tiny", seed=1)
     samples, pre = batch
@@ -308,6 +310,7 @@ def test_answer_positions_need_an_answer_in_every_row():
         answer_positions(torch.tensor([[-100, -100], [-100, 4]]))
 
 
+@pytest.mark.slow
 def test_train_with_the_guide_logs_its_loss_and_refuses_bad_layers(tmp_path):
     common = dict(batch_size=4, val_every=1000, val_n=5, ranking_n=3, full_steps=0, warmup=1)
     train(TrainArgs(out=tmp_path / "run", steps=2, attn_weight=0.5, attn_layers=(1, 2), **common))
@@ -335,6 +338,7 @@ def test_train_with_the_guide_logs_its_loss_and_refuses_bad_layers(tmp_path):
             train(TrainArgs(out=tmp_path / "bad", steps=1, **bad))
 
 
+@pytest.mark.slow
 def test_train_with_the_colour_read_logs_it(tmp_path):
     common = dict(batch_size=6, val_every=1000, val_n=5, ranking_n=3, full_steps=0, warmup=1)
     presence_heavy = dict(family_weights=(0.0, 1.0, 0.0, 0.0, 0.0), tier_weights=(0.0, 0.0, 1.0))
@@ -375,6 +379,7 @@ def test_train_vlm_parses_the_guide_options_and_refuses_bad_ones(tmp_path, capsy
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_attention_report_tables_each_tier_and_family_and_refuses_bad_input(vlm_dir, tmp_path, capsys):
     out = tmp_path / "attention.md"
     assert attention_report(["--model", vlm_dir, "--seed", "9", "--n", "12", "--out", str(out)]) == 0

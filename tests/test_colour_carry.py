@@ -64,6 +64,7 @@ def test_the_carry_loss_is_the_readouts_cross_entropy_at_the_answer_position(tin
         CarryLoss(carry, answer_positions(prepared.targets), asked[:-1], layers=(1,))
 
 
+@pytest.mark.slow
 def test_the_carry_loss_teaches_the_first_layers_to_carry_the_asked_colour(tiny, presence_batch):
     """A random model's answer position does not hold the question's colour; 30 steps on layers 0-1 and
     the readout make it name the asked colour after layer 1."""
@@ -94,6 +95,7 @@ def saved_at(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_train_with_the_carry_logs_it_resumes_it_continues_it_and_refuses_bad_options(tmp_path, capsys):
     common = dict(batch_size=6, val_every=1000, val_n=5, ranking_n=3, full_steps=0, warmup=1, p_full=1.0)
     presence = dict(family_weights=(0.0, 1.0, 0.0, 0.0, 0.0), carry_weight=0.5, carry_layers=(1, 3))

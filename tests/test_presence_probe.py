@@ -37,6 +37,7 @@ def test_labels_follow_the_question_and_the_scene():
     assert (got["found colour"] >= 0).sum() > 10
 
 
+@pytest.mark.slow
 def test_presence_probe_writes_a_row_per_layer_and_refuses_bad_input(vlm_dir, tmp_path, capsys):
     out = tmp_path / "probe.md"
     assert main(["--model", vlm_dir, "--seed", "11", "--n", "40", "--layers", "2", "1", "--out", str(out)]) == 0

@@ -42,6 +42,7 @@ def test_lr_schedule():
     assert lr_at(100, args) == pytest.approx(1e-4)
 
 
+@pytest.mark.slow
 def test_train_resumes_and_ships(tmp_path):
     common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
     train(TrainArgs(steps=2, **common))
@@ -58,6 +59,7 @@ def test_train_resumes_and_ships(tmp_path):
     assert not torch.equal(trained, first["model"]["lm_head.weight"])  # the third step changed weights
 
 
+@pytest.mark.slow
 def test_sweep_matches_single_calls(tiny):
     from envs.tasks.synthvqa import SynthVQA
 
@@ -72,6 +74,7 @@ def test_sweep_matches_single_calls(tiny):
     assert set(rows[0]["by_family"]) == {s.family for s in samples}
 
 
+@pytest.mark.slow
 def test_eval_script_writes_report_and_heat_map(tmp_path):
     out = tmp_path / "eval.json"
     assert eval_main(["--model", "tiny", "--seed", "9", "--n", "5", "--out", str(out)]) == 0
@@ -82,6 +85,7 @@ def test_eval_script_writes_report_and_heat_map(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_eval_from_an_outcome_table_equals_running_the_model(tiny, tmp_path):
     from test_outcomes import fake_latency
 
@@ -101,6 +105,7 @@ def test_eval_from_an_outcome_table_equals_running_the_model(tiny, tmp_path):
                       "--outcomes", str(table)]) == 2  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenes", ["task", "dense"])
 def test_vision_warm_up_trains_vision_and_probe_only(tmp_path, scenes):
     common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
@@ -115,6 +120,7 @@ def test_vision_warm_up_trains_vision_and_probe_only(tmp_path, scenes):
     assert not torch.equal(state["model"]["connector.projector.w2.weight"], init["connector.projector.w2.weight"])
 
 
+@pytest.mark.slow
 def test_probe_warmup_trains_a_fresh_probe_without_moving_the_vision_encoder(tmp_path):
     common = dict(out=tmp_path / "run", batch_size=3, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1)
     init = build_model("tiny", seed=0).state_dict()
@@ -126,6 +132,7 @@ def test_probe_warmup_trains_a_fresh_probe_without_moving_the_vision_encoder(tmp
     assert not torch.equal(state["probe"]["cls.weight"], fresh["cls.weight"])  # the probe itself learned
 
 
+@pytest.mark.slow
 def test_max_minutes_ends_the_run_early_and_still_ranks_and_saves(tmp_path, capsys):
     common = dict(batch_size=2, val_every=1000, val_n=3, probe_n=2, ranking_n=3, ckpt_every=50)
     out = train(TrainArgs(out=tmp_path / "run", steps=10, warmup=1, max_minutes=1e-9, **common))
@@ -136,6 +143,7 @@ def test_max_minutes_ends_the_run_early_and_still_ranks_and_saves(tmp_path, caps
         train(TrainArgs(out=tmp_path / "bad", steps=2, max_minutes=-1))
 
 
+@pytest.mark.slow
 def test_dense_aux_batch_adds_dense_scenes_to_the_joint_vision_loss(tmp_path, monkeypatch):
     import training.batches as train_module
 
@@ -170,6 +178,7 @@ def test_answer_norm_penalty_reads_only_answer_positions_above_the_cap():
     assert touched == [[0, 2]]
 
 
+@pytest.mark.slow
 def test_reinit_vision_keeps_the_llm_and_restarts_the_vision_encoder(tmp_path):
     src = build_model("tiny", seed=3)
     save_model(src, tmp_path / "src")
@@ -219,6 +228,7 @@ def test_train_vlm_reads_guided_layers_as_a_tuple():
     assert parse([]).attn_layers == (2,) and parse([]).attn_weight == 0.0
 
 
+@pytest.mark.slow
 def test_family_mix_draws_families_by_weight_and_keeps_the_cycle_when_equal():
     from collections import Counter
 
@@ -236,6 +246,7 @@ def test_family_mix_draws_families_by_weight_and_keeps_the_cycle_when_equal():
             family_mix(bad)
 
 
+@pytest.mark.slow
 def test_stop_at_ends_early_on_the_full_schedule_and_saves(tmp_path):
     common = dict(batch_size=2, val_every=1000, val_n=3, probe_n=2, ranking_n=3, ckpt_every=50)
     out = train(TrainArgs(out=tmp_path / "run", steps=10, stop_at=2, warmup=1, **common))
@@ -252,6 +263,7 @@ def test_train_refuses_an_unknown_complement_rule(tmp_path):
         train(TrainArgs(out=tmp_path / "run", steps=1, complement_pairs="some"))
 
 
+@pytest.mark.slow
 def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene(tiny, monkeypatch, capsys, tmp_path):
     import diagnostics.answer_state as answer_state
     from envs.tasks.synthvqa import FAMILIES, make_sample
@@ -273,6 +285,7 @@ def test_answer_state_reports_every_family_and_no_spread_over_one_repeated_scene
     assert "not a train_vlm.py checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_path, capsys):
     from training.vision_probe import PROBE_FILE, load_probe
 
@@ -299,6 +312,7 @@ def test_a_run_from_init_continues_the_vision_probe_of_the_run_that_made_it(tmp_
     assert "starts afresh" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compare_models_reports_each_model_on_its_configs_and_refuses_a_missing_one(tmp_path):
     from diagnostics.compare_models import comparison_configs
     from diagnostics.compare_models import main as compare_main
@@ -335,6 +349,7 @@ def test_worker_processes_make_the_same_step_inputs_as_the_loop():
         assert a.pre.answer_lengths[0] > 0 and a.dense_pre.answer_lengths == [0, 0]  # answers only for task scenes
 
 
+@pytest.mark.slow
 def test_training_with_workers_gives_the_same_weights(tmp_path):
     """Bit-identical on one thread (with two, CPU training differs from itself by ~3e-7 run to run)."""
     common = dict(batch_size=2, val_every=1000, val_n=5, ranking_n=3, ckpt_every=1, full_steps=0, dense_aux_batch=1)
@@ -351,6 +366,7 @@ def test_training_with_workers_gives_the_same_weights(tmp_path):
         train(TrainArgs(out=tmp_path / "bad", steps=1, workers=-1))
 
 
+@pytest.mark.slow
 def test_train_inputs_benchmark_times_every_tier_and_worker_count(tmp_path, capsys):
     out = tmp_path / "inputs.json"
     load_benchmark("train_inputs.py").main(["--repeats", "1", "--workers", "0", "1", "--steps", "2", "--out", str(out)])
@@ -386,6 +402,7 @@ def test_accuracy_by_kind_keeps_the_kinds_order_and_normalises():
     assert got["shape elsewhere"] == [0.5, 2]
 
 
+@pytest.mark.slow
 def test_error_report_covers_every_family_per_config_and_refuses_bad_configs(tmp_path, capsys):
     from diagnostics.error_report import main as errors_main
 
