@@ -23,11 +23,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from envs.tasks.metrics import normalize_answer
 from envs.tasks.synthvqa import PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, complement, presence_kind
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError, KnobError
 from envs.vlm.evaluate import Config, sweep
+from envs.vlm.metrics import normalize_answer
 
 
 def family_errors(truths: Sequence[str], answers: Sequence[str], top: int = 8) -> dict:

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from envs.tasks.data import Sample, export_manifest, load_manifest, load_vqav2
-from envs.tasks.metrics import exact_match, normalize_answer, vqa_soft_accuracy
 from envs.tasks.synthvqa import (
     COLOURS,
     FAMILIES,
@@ -20,6 +19,7 @@ from envs.tasks.synthvqa import (
     presence_kind,
     vocabulary,
 )
+from envs.vlm.metrics import exact_match, normalize_answer, vqa_soft_accuracy
 from envs.vlm.tokenizer import TextTokenizer, build_word_tokenizer
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.tasks.metrics import exact_match, vqa_soft_accuracy
 from envs.vlm.errors import InputError
+from envs.vlm.metrics import exact_match, vqa_soft_accuracy
 from envs.vlm.model import Preprocessed
 
 
