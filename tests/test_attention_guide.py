@@ -153,7 +153,7 @@ def test_colour_reads_are_the_looked_at_colours_where_legible(tiny):
 @pytest.mark.slow
 def test_the_colour_read_teaches_the_guided_layer_the_looked_at_colour():
     model = load_model("tiny")  # the shipped model: its vision tokens show shapes and colours
-    # It was trained with this read (runs 21-26), so its guided layer starts afresh: a random layer 2.
+    # It was trained with this read, so its guided layer starts afresh here: a random layer 2.
     model.llm.layers[2].load_state_dict(build_model("tiny", seed=0).llm.layers[2].state_dict())
     samples = [make_sample(8, i, "presence") for i in range(40)]
     samples = [s for s in samples if asked_objects(s, "shape")][:12]
