@@ -9,9 +9,13 @@ the train split under the same distribution), max config, random feasible config
 from __future__ import annotations
 
 import numpy as np
+from sb3_contrib.common.maskable.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv
 
+from envs.budgets import Penalty, parse_distribution
 from envs.knob_env import TwoStageKnobEnv
 from envs.oracle import best_static_from_arrays, max_config, oracle_from_arrays, random_feasible_from_arrays
+from policies.sb3 import decide
 
 METRICS = ("accuracy", "violation_rate", "violation_rate_feasible", "violation_rate_reachable", "mean_latency_ms",
            "p95_latency_ms", "mean_reward", "controller_ms", "guarded_fraction", "repaired_fraction")  # fmt: skip
@@ -98,7 +102,6 @@ def summarize(r: dict[str, np.ndarray]) -> dict[str, float]:
 
 def policy_chooser(model):
     """Deterministic actions of a trained policy, on the serving path whose time the env charges."""
-    from policies.sb3 import decide
 
     def choose(env, obs, masks):
         return decide(model.policy, obs, masks)
@@ -153,3 +156,53 @@ def baselines(env, train_env, distribution, episodes: int, seed: int) -> tuple[d
     out = {name: summarize(r) for name, r in runs.items()}
     out["best_static"]["config"] = table.configs[static].__dict__
     return out, runs
+
+
+def evaluate_all(assets, kind: str, budgets: str, policies: dict, penalty: Penalty, controller_ms: float,
+                 episodes: int, seed: int, test=None, guard=None) -> dict:  # fmt: skip
+    """Every policy and baseline on the same test episodes, per budget distribution in `budgets` (comma
+    separated specs): summaries, the policies' episodes, and paired differences against the BC start and
+    the best static config. The policies run behind `guard` if given; the baselines have no controller
+    and so no guard. `test`: a replay backend other than `assets.test`."""
+    test = test or assets.test
+    results = {}
+    for spec in budgets.split(","):
+        dist = parse_distribution(spec)
+        env = assets.env(kind, test, dist, penalty, controller_ms, guard)
+        rows = {name: run_episodes(env, policy_chooser(m), episodes, seed) for name, m in policies.items()}
+        plain = assets.env("two_stage", test, dist, penalty, 0.0)
+        train = assets.env("two_stage", assets.train, dist, penalty, 0.0)
+        results[dist.name] = {name: summarize(r) for name, r in rows.items()}
+        summaries, runs = baselines(plain, train, dist, episodes, seed)
+        results[dist.name].update(summaries)
+        results[dist.name]["_episodes"] = {name: {k: r[k].tolist() for k in ("budget", "score", "violation")}
+                                           for name, r in rows.items()}  # fmt: skip
+        pairs = [(name, ref) for name in rows for ref in ("bc_only", "best_static") if name != ref]
+        results[dist.name]["_paired"] = paired_differences(rows | runs, pairs)
+    return results
+
+
+VALIDATION_SEED = 20_000  # the validation episodes' seed: the same requests and budgets at every check
+
+
+def validation_rewards(assets, kind: str, budgets: str, penalty: Penalty, model, episodes: int,
+                       controller_ms: float, guard=None, n_envs: int = 50):  # fmt: skip
+    """Rewards on the validation split per budget distribution in `budgets`, the same episodes in the same
+    order every call, [distributions, episodes], and each episode's request (its sample index). Episodes
+    run `n_envs` at a time, so the policy decides in batches."""
+    rewards, requests = [], []
+    for spec in budgets.split(","):
+        dist = parse_distribution(spec)
+        vec = DummyVecEnv([lambda d=dist: assets.env(kind, assets.val, d, penalty, controller_ms, guard)] * n_envs)
+        vec.seed(VALIDATION_SEED)
+        samples = []  # the callback sees each finished episode just before its reward is recorded
+
+        def note(local, _, samples=samples):
+            if local["done"]:
+                samples.append(local["info"]["sample"])
+
+        episodes_rewards, _ = evaluate_policy(model, vec, episodes, return_episode_rewards=True, warn=False,
+                                              callback=note)  # fmt: skip
+        rewards.append(episodes_rewards)
+        requests.append(samples)
+    return np.array(rewards), np.array(requests)

@@ -24,16 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sb3_contrib import MaskablePPO
 
+from envs.assets import profile_path, read_profile
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
 from envs.guard import BudgetGuard
 from envs.knobs import KnobSpace
 from envs.latency import ConfigLatency, LatencyModel, StageTimer, timed_prefix
+from envs.vlm.checkpoint import load_model
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import TIERS
 from policies.networks import guard_of
 from policies.numpy_heads import SingleStageHeads, TwoStageHeads
+from policies.sb3 import SingleStagePolicy, TwoStagePolicy
 
 
 @dataclass
@@ -257,10 +261,6 @@ def single_stage_overhead_ms(
 
 def load_policy(path: Path):
     """A saved knob-rl policy (MaskablePPO) and its kind, "two_stage" or "single_stage"."""
-    from sb3_contrib import MaskablePPO
-
-    from policies.sb3 import SingleStagePolicy, TwoStagePolicy
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy file not found: {path}")
@@ -275,24 +275,20 @@ def load_policy(path: Path):
     raise ValueError(f"{path} holds a {type(model.policy).__name__}, not a knob-rl policy")
 
 
-def server_for(path: Path):
+def load_server(path: Path):
     """The server for a saved policy, over the VLM it was trained for and that model's latency profile."""
-    from agents.pipeline import assets_dir
-    from envs.vlm.checkpoint import load_model
-
     model, kind = load_policy(path)
     run_args = Path(path).parent / "args.json"
     if kind == "single_stage" and run_args.is_file() and json.loads(run_args.read_text()).get("encoder") == "light":
         raise ValueError(f"{path} decides on a distilled light encoder's features, which its run does not save; "
                          "serve a policy trained with --encoder vlm")  # fmt: skip
-    profile = assets_dir(model.policy.vlm) / "latency_cpu.json"
+    profile = profile_path(model.policy.vlm)
     if not profile.is_file():
         raise FileNotFoundError(f"{profile} is missing: budgets are read against it and configs' latency predicted")
-    profile = json.loads(profile.read_text())
+    latency_model, full_ms = read_profile(profile)
     vlm = load_model(model.policy.vlm)
     cls = TwoStageServer if kind == "two_stage" else SingleStageServer
-    return cls(model.policy.mlp_extractor.net, vlm, float(profile["reference_full_ms"]),
-               LatencyModel.from_dict(profile["model"]))  # fmt: skip
+    return cls(model.policy.mlp_extractor.net, vlm, full_ms, latency_model)
 
 
 def _in_profile_units(cost: dict, vlm_ms: list[float], profile_ms: list[float]) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from agents.pipeline import assets_dir
-from agents.serving import load_policy, server_for
+from agents.serving import load_policy, load_server
+from envs.assets import assets_dir
 from envs.features import stage2_sees
 from envs.outcomes import OutcomeTable, dataset_samples
 from envs.vlm.presets import TIERS
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    server, vlm_spec = server_for(args.policy), load_policy(args.policy)[0].policy.vlm
+    server, vlm_spec = load_server(args.policy), load_policy(args.policy)[0].policy.vlm
     vlm, net = server.vlm, server.net
     train = OutcomeTable.load(assets_dir(vlm_spec) / "outcomes" / "train.npz")  # its requests
     samples = dataset_samples(train.meta["dataset"], 0, args.requests)

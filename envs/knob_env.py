@@ -25,16 +25,19 @@ where another one the policy could still serve does (two-stage: of the chosen ti
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
 from envs.budgets import N_BUDGET_FEATURES, BudgetDistribution, Penalty, budget_features
-from envs.features import FeatureCache, kv_shape, prefix_kv, prompt_embedding, summarise
+from envs.features import FeatureCache, cache_key, kv_shape, prefix_kv, prompt_embedding, summarise
 from envs.guard import BudgetGuard
 from envs.knobs import KnobSpace
 from envs.latency import PARTS, ConfigLatency, LatencyModel, StageTimer, timed_prefix
-from envs.outcomes import OutcomeTable
+from envs.outcomes import OutcomeTable, dataset_samples
 from envs.tasks.metrics import vqa_soft_accuracy
 from envs.vlm.evaluate import all_configs
 
@@ -208,6 +211,9 @@ class _KnobEnv(gym.Env):
 
 
 class TwoStageKnobEnv(_KnobEnv):
+    """Two decisions per request: the tier from the budget (and prompt), then top_k and blocks from a summary
+    of the LLM input that tier produces."""
+
     def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int | None = None,
                  kv: tuple[int, ...] | None = None, guard=None, skip_guarded: bool = False):  # fmt: skip
         """`d_model`, `kv`: the prompt's width and the stage-2 keys/values' shape (`features.kv_shape`);
@@ -275,6 +281,8 @@ class TwoStageKnobEnv(_KnobEnv):
 
 
 class SingleStageKnobEnv(_KnobEnv):
+    """One decision per request: all three knobs from the budget, the prompt and the global crop's features."""
+
     def __init__(self, backend, budgets, full_ms, penalty=None, controller_ms: float = 0.0, d_model: int | None = None,
                  global_ms: float = 0.0, reuse_low: bool = True, guard=None, skip_guarded: bool = False):  # fmt: skip
         """`global_ms`: the cost of encoding the global view first, paid unless tier = low reuses it
@@ -326,12 +334,6 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
                    first: int | None = None) -> ReplayBackend:  # fmt: skip
     """A replay backend over an outcome table (its `first` samples only, if given); features are computed
     once and cached on disk."""
-    import os
-    from pathlib import Path
-
-    from envs.features import cache_key
-    from envs.outcomes import dataset_samples
-
     table = OutcomeTable.load(table_path)
     table = table if first is None else table.head(first)
     if table.configs != all_configs(model):
@@ -359,7 +361,3 @@ def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, cf
         return SingleStageKnobEnv(backend, budgets, full_ms, penalty, controller_ms, d_model, global_ms, reuse_low,
                                   guard, skip_guarded)  # fmt: skip
     raise ValueError(f"unknown environment kind {kind!r}; choose two_stage or single_stage")
-
-
-gym.register("KnobRL/TwoStage-v0", entry_point=TwoStageKnobEnv)
-gym.register("KnobRL/SingleStage-v0", entry_point=SingleStageKnobEnv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from envs.latency import PARTS, LatencyModel
+from envs.tasks.data import load_manifest
 from envs.tasks.metrics import exact_match, vqa_soft_accuracy
-from envs.vlm.checkpoint import weights_digest
+from envs.tasks.synthvqa import VERSION, make_sample
+from envs.vlm.checkpoint import load_model, weights_digest
 from envs.vlm.evaluate import Config, finish_all
 
 META = "meta.json"
@@ -32,8 +35,6 @@ META = "meta.json"
 def dataset_samples(spec: dict, start: int = 0, stop: int | None = None) -> list:
     """Samples [start, stop) of a dataset spec: synthvqa.dataset_spec(seed, n) or {"kind": "manifest", "path"}."""
     if spec["kind"] == "synthvqa":
-        from envs.tasks.synthvqa import VERSION, make_sample
-
         version = spec.get("version", 1)  # tables from before versions were recorded are version 1
         if version != VERSION:
             raise ValueError(
@@ -43,8 +44,6 @@ def dataset_samples(spec: dict, start: int = 0, stop: int | None = None) -> list
         stop = spec["n"] if stop is None else min(stop, spec["n"])
         return [make_sample(spec["seed"], i) for i in range(start, stop)]
     if spec["kind"] == "manifest":
-        from envs.tasks.data import load_manifest
-
         stop = spec.get("n") if stop is None else min(stop, spec.get("n", stop))
         return load_manifest(spec["path"])[start:stop]
     raise ValueError(f"unknown dataset kind {spec['kind']!r}")
@@ -62,10 +61,6 @@ def _model(spec: str, device: str):
     """One model per worker process (Ray tasks on the same worker reuse it)."""
     key = (spec, device)
     if key not in _MODELS:
-        import warnings
-
-        from envs.vlm.checkpoint import load_model
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _MODELS[key] = load_model(spec, device=device)

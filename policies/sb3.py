@@ -18,6 +18,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from envs.knobs import KnobSpace
+from envs.vlm.checkpoint import load_model
 from policies.networks import SingleStageNet, TwoStageNet
 
 
@@ -50,8 +51,6 @@ class _Extractor(nn.Module):
 
 
 def _load_vlm(vlm: str):
-    from envs.vlm.checkpoint import load_model
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_model(vlm)
@@ -97,6 +96,9 @@ class _KnobPolicy(MaskableActorCriticPolicy):
 
 
 class TwoStagePolicy(_KnobPolicy):
+    """MaskablePPO policy of the two-stage environment: a `TwoStageNet` over the VLM named by `vlm`
+    (`stage1`: budget | prompt | router)."""
+
     def __init__(self, *args, stage1: str = "budget", routes: list | None = None, **kwargs):
         self.stage1, self.routes = stage1, routes
         super().__init__(*args, **kwargs)
@@ -110,6 +112,9 @@ class TwoStagePolicy(_KnobPolicy):
 
 
 class SingleStagePolicy(_KnobPolicy):
+    """MaskablePPO policy of the single-stage environment: a `SingleStageNet` over the VLM named by `vlm`
+    (`fusion`: mlp | transformer)."""
+
     def __init__(self, *args, fusion: str = "mlp", **kwargs):
         self.fusion = fusion
         super().__init__(*args, **kwargs)

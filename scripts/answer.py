@@ -15,6 +15,8 @@ import json
 import sys
 import warnings
 
+from agents.serving import load_server
+from envs.budgets import BudgetError
 from envs.latency import timed_answer
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError, InputError, KnobError
@@ -75,15 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(ap, args) -> int:
-    from agents.serving import server_for
-    from envs.budgets import BudgetError
-
     if args.image is None or args.question is None or args.budget_ms is None:
         ap.error("--policy needs --image, --question and --budget-ms")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = server_for(args.policy)
+            server = load_server(args.policy)
             for _ in range(args.warmup + 1):  # a process's first requests pay one-time costs; time a warm one
                 served = server.serve(args.image, args.question, args.budget_ms)
     except (InputError, CheckpointError, BudgetError, FileNotFoundError, ValueError) as e:

@@ -5,7 +5,8 @@
 
 The split's outcome table is built once (vision and layers 0-2 shared per sample and tier) and
 cached under $KNOB_RL_CACHE (default ~/.cache/knob-rl). A policy_bc.zip beside the policy is
-evaluated too.
+evaluated too. --controller-ms X charges X ms per request for the controller instead of measuring it
+(the budget guard --guard-ms, by default X too): two evaluations of one seed then agree exactly.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-from agents.pipeline import Assets, assets_dir, controller_cost, evaluate_all
+from agents.policy_eval import evaluate
 from agents.report import markdown
 from agents.serving import load_policy
+from envs.assets import Assets, assets_dir, load_assets
 from envs.budgets import BudgetError, Penalty, parse_distribution
-from envs.guard import BudgetGuard
-from envs.knob_env import replay_backend
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import weights_digest
 from envs.vlm.evaluate import all_configs
-from policies.networks import guard_of
 
 
 def test_table(assets: Assets, model_spec: str, seed: int, n: int) -> Path:
@@ -54,34 +53,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--penalty", default="indicator")
     ap.add_argument("--penalty-weight", type=float, default=1.0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--controller-ms", type=float, default=None,
+                    help="charge this controller time (ms) per request instead of measuring it on the serving "
+                         "path: two evaluations of one seed then give identical numbers")  # fmt: skip
+    ap.add_argument(
+        "--guard-ms",
+        type=float,
+        default=None,
+        help="with --controller-ms: the budget guard's charged time (ms); default --controller-ms",
+    )
     args = ap.parse_args(argv)
+    if args.guard_ms is not None and args.controller_ms is None:
+        ap.error("--guard-ms pins the guard's time only beside --controller-ms")
+    for flag, value in (("--controller-ms", args.controller_ms), ("--guard-ms", args.guard_ms)):
+        if value is not None and not value >= 0:
+            ap.error(f"{flag} must be >= 0 ms, got {value}")
     try:
         for spec in args.budgets.split(","):
             parse_distribution(spec)  # fail before any work
-        model, kind = load_policy(args.policy)
-        assets = Assets(model.policy.vlm)
-        env = assets.env(kind, assets.test, parse_distribution("uniform"), Penalty())
-        if model.observation_space != env.observation_space:
-            raise ValueError(f"{args.policy} was saved for another model or observation space than {model.policy.vlm}")
-        test = replay_backend(assets.vlm, test_table(assets, model.policy.vlm, args.seed, args.n), assets.latency_model)
-        controller = controller_cost(assets, model, kind, env, parse_distribution("log_uniform"), args.seed)
-        controller_ms = controller["charged_ms"]
-        penalty = Penalty(args.penalty, args.penalty_weight)
-        guard = guard_of(model.policy.mlp_extractor.net)  # its expected scores; time and penalty of this run
-        guard = guard and BudgetGuard(guard.scores, controller["guard_charged_ms"], penalty, guard.repair)
-        policies = {"policy": model}
-        if (args.policy.parent / "policy_bc.zip").is_file():
-            policies["bc_only"] = load_policy(args.policy.parent / "policy_bc.zip")[0]
-        results = evaluate_all(assets, kind, args.budgets, policies, penalty, controller_ms, args.episodes,
-                               args.seed, test, guard)  # fmt: skip
+        model, _ = load_policy(args.policy)
+        table = test_table(load_assets(model.policy.vlm), model.policy.vlm, args.seed, args.n)
+        report = evaluate(args.policy, args.budgets, args.episodes, args.seed, table=table,
+                          penalty=Penalty(args.penalty, args.penalty_weight), controller_ms=args.controller_ms,
+                          guard_ms=args.guard_ms)  # fmt: skip
     except (BudgetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = {"policy": kind, "variant": getattr(model.policy, "stage1", getattr(model.policy, "fusion", "")),
-            "policy_file": str(args.policy), "seed": args.seed, "n": args.n, "controller_ms": controller_ms,
-            "controller": controller, "guard_ms": guard.ms if guard else None,
-            "repair": bool(guard and guard.repair), "full_config_ms": assets.full_ms, "minutes": 0.0,
-            "peak_memory_mb": 0.0}  # fmt: skip
+    meta, results = report["meta"], report["results"]
+    meta["n"] = args.n
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(meta, results))

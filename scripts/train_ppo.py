@@ -2,34 +2,44 @@
 
     python scripts/train_ppo.py --policy two_stage [--variant budget|prompt|router] [--quick] [--out DIR]
     python scripts/train_ppo.py --policy single_stage [--variant mlp|transformer]
+    python scripts/train_ppo.py --quick --controller-ms 1.0   # a reproducible run: the same numbers every time
 
 Writes DIR/policy.zip, DIR/policy_bc.zip, eval.json, eval.md, eval.png and TensorBoard logs (DIR/tb).
+--controller-ms X charges X ms per request for the controller instead of measuring it (a measured charge
+differs between runs); the budget guard is then charged --guard-ms, by default X as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 
-from agents.pipeline import Args, run
+from agents.args import Args
+from agents.pipeline import run
 from envs.budgets import BudgetError
 
 
+def _flag_type(hint):
+    """The argparse type of a field: its own, or the non-None one of an optional field."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 def parse(argv: list[str] | None) -> Args:
+    """`Args` from the command line: one flag per field (`--ppo-steps` for `ppo_steps`; booleans also `--no-x`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Args)
-    for f in __import__("dataclasses").fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
+    for f in dataclasses.fields(Args):
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        if kind is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif hints[f.name] is Path:
-            ap.add_argument(flag, type=Path, default=f.default)
-        elif f.name == "variant":
-            ap.add_argument(flag, default=None)
         else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
+            ap.add_argument(flag, type=kind, default=f.default)
     ns = ap.parse_args(argv)
     try:
         return Args(**vars(ns))

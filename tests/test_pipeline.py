@@ -7,8 +7,11 @@ import pytest
 import torch
 from conftest import _envs, fake_latency
 
+from agents.args import Args
 from agents.imitation import collect, oracle_action, oracle_scores
-from agents.pipeline import Args, run
+from agents.pipeline import run
+from agents.selection import KeepBestOnValidation, gain_threshold
+from envs.assets import Assets
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.synthvqa import dataset_spec
 from envs.vlm.checkpoint import save_model
@@ -35,6 +38,7 @@ def small(root, tmp, **kw):
     return args
 
 
+@pytest.mark.slow  # the `assets` fixture builds three outcome tables
 @pytest.mark.parametrize(
     "policy,variant,encoder", [("two_stage", "budget", "vlm"), ("single_stage", "mlp", "vlm"),
                                ("single_stage", "transformer", "light")]
@@ -83,9 +87,9 @@ def test_main_job_writes_policy_report_and_plots(assets, tmp_path, policy, varia
         assert 0 <= view["distillation_relative_error"] < 1
 
 
+@pytest.mark.slow  # the `assets` fixture builds three outcome tables
 def test_oracle_demonstrations_reach_the_oracle_reward(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
-    from agents.pipeline import Assets
     from envs.budgets import Penalty, parse_distribution
 
     a = Assets(str(assets))
@@ -130,6 +134,33 @@ def test_boolean_flags_keep_their_defaults_and_can_be_turned_off(argv, guard, qu
     assert (args.guard, args.quick) == (guard, quick)
 
 
+def test_ppo_hyperparameters_and_the_pinned_charge_are_flags():
+    from scripts.train_ppo import parse
+
+    args = parse(["--n-steps", "128", "--batch-size", "64", "--n-epochs", "2", "--gamma", "0.9", "--ent-coef", "0.01",
+                  "--controller-ms", "1.5"])  # fmt: skip
+    assert (args.n_steps, args.batch_size, args.n_epochs, args.gamma, args.ent_coef) == (128, 64, 2, 0.9, 0.01)
+    assert args.pinned and args.controller_ms == 1.5 and args.charged_guard_ms() == 1.5  # the guard: the same
+    assert parse(["--controller-ms", "1.5", "--guard-ms", "0.25"]).charged_guard_ms() == 0.25
+    default = parse([])
+    assert not default.pinned and default.controller_ms is None and default.charged_guard_ms() is None
+    assert (default.n_steps, default.batch_size, default.n_epochs, default.gamma, default.ent_coef) == (
+        256, 256, 4, 1.0, 0.003)  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--guard-ms", "0.2"], "only beside a pinned controller_ms"),
+    (["--controller-ms", "-1"], "controller_ms must be >= 0"),
+])  # fmt: skip
+def test_bad_pinned_charges_are_refused(argv, match, capsys):
+    from scripts.train_ppo import parse
+
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the `assets` fixture builds three outcome tables
 def test_bad_budget_distribution_is_reported(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
     code = train_main(["--model", str(assets), "--out", str(tmp_path / "r"), "--train-budgets", "gaussian",
@@ -137,6 +168,7 @@ def test_bad_budget_distribution_is_reported(assets, tmp_path, capsys, monkeypat
     assert code == 2 and "unknown budget distribution 'gaussian'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the `assets` fixture builds three outcome tables
 def test_evaluate_and_compare_scripts(assets, tmp_path, monkeypatch, capsys):
     from scripts.compare import main as compare_main
     from scripts.evaluate import main as evaluate_main
@@ -194,7 +226,6 @@ def test_keep_best_on_validation_restores_the_best_checked_parameters(world, vlm
     """Scripted validation rewards: the parameters seen at the best check come back at the end."""
     from sb3_contrib import MaskablePPO
 
-    from agents.pipeline import KeepBestOnValidation
     from envs.knob_env import SingleStageKnobEnv
     from policies.sb3 import SingleStagePolicy
 
@@ -220,7 +251,6 @@ def test_keep_best_on_validation_refuses_checks_below_the_start_on_any_distribut
     """Per-distribution rewards: the best mean is not kept where it loses to the start on one distribution."""
     from sb3_contrib import MaskablePPO
 
-    from agents.pipeline import KeepBestOnValidation
     from envs.knob_env import SingleStageKnobEnv
     from policies.sb3 import SingleStagePolicy
 
@@ -245,7 +275,6 @@ def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired
     when they come 10 at a time from 80 requests that share the sign of their difference."""
     from sb3_contrib import MaskablePPO
 
-    from agents.pipeline import KeepBestOnValidation
     from envs.knob_env import SingleStageKnobEnv
     from policies.sb3 import SingleStagePolicy
 
@@ -265,8 +294,6 @@ def test_keep_best_on_validation_keeps_the_start_where_the_gain_is_within_paired
 
 @pytest.mark.parametrize("alpha,checks,z", [(0.05, 1, 1.645), (0.05, 2, 1.960), (0.05, 8, 2.498), (0.01, 8, 3.023)])
 def test_gain_threshold_splits_alpha_over_the_checks(alpha, checks, z):
-    from agents.pipeline import gain_threshold
-
     assert gain_threshold(alpha, checks) == pytest.approx(z, abs=1e-3)
 
 
@@ -304,6 +331,7 @@ def test_paired_differences_pair_episodes_and_refuse_runs_of_other_episodes():
         paired_differences({"ppo": ppo, "best_static": other}, [("ppo", "best_static")])
 
 
+@pytest.mark.slow  # the `assets` fixture builds three outcome tables
 def test_a_backend_over_the_first_requests_replays_them_as_the_whole_table_does(assets, tiny, tmp_path):
     """--quick reads the first validation and test requests only; their features and outcomes are the full
     table's, cached under another key (the dataset spec names the subset)."""
@@ -328,18 +356,22 @@ def test_a_backend_over_the_first_requests_replays_them_as_the_whole_table_does(
     )  # more than the table holds: the whole table
 
 
+@pytest.mark.slow  # the `assets` fixture builds three outcome tables
 def test_quick_assets_hold_the_first_200_validation_and_400_test_requests(assets, monkeypatch):
-    import agents.pipeline as pipeline
+    import envs.assets
 
-    asked, real = {}, pipeline.replay_backend
+    asked, real = {}, envs.assets.replay_backend
 
     def recording(model, path, latency, first=None):
         asked[path.stem] = first
         return real(model, path, latency, first=first)
 
-    monkeypatch.setattr(pipeline, "replay_backend", recording)
-    quick = pipeline.Assets(str(assets), quick=True)
-    assert asked == {"train": None, "val": 200, "test": 400} and len(quick.test) == 8  # the fixture holds 8
+    monkeypatch.setattr(envs.assets, "replay_backend", recording)
+    quick = Assets(str(assets), quick=True)
+    assert asked == {}  # a split is read when first asked for
+    assert len(quick.test) == 8 and quick.val is not None and quick.train is not None  # the fixture holds 8
+    assert asked == {"train": None, "val": 200, "test": 400}
     asked.clear()
-    pipeline.Assets(str(assets))
+    full = Assets(str(assets))
+    assert full.train is not None and full.val is not None and full.test is not None
     assert asked == {"train": None, "val": None, "test": None}

@@ -10,7 +10,7 @@ from torch import nn
 from agents.serving import (
     SingleStageServer,
     TwoStageServer,
-    server_for,
+    load_server,
     single_stage_overhead_ms,
     two_stage_overhead_ms,
 )
@@ -115,7 +115,7 @@ def test_answer_script_serves_a_saved_policy_and_refuses_what_it_cannot(world, v
             "--question", samples[0].question, "--warmup", "0"]  # fmt: skip
     assert answer_main([*argv, "--budget-ms", "12", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    expect = server_for(tmp_path / "run" / "policy.zip").serve(samples[0].image, samples[0].question, 12.0)
+    expect = load_server(tmp_path / "run" / "policy.zip").serve(samples[0].image, samples[0].question, 12.0)
     assert (out["tier"], out["top_k"], out["blocks"]) == (expect.config.tier, expect.config.top_k, expect.config.blocks)
     assert out["answer"] == expect.answer and out["latency_ms"]["total"] > 0
     assert answer_main([*argv, "--budget-ms", "0"]) == 2 and "positive finite" in capsys.readouterr().err

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from envs.vlm.checkpoint import _rebuild_buffers, check_state_dict, save_model
 from envs.vlm.errors import CheckpointError
-from envs.vlm.presets import VLMConfig
+from envs.vlm.model import KnobVLM
+from envs.vlm.presets import VLMConfig, get_preset
+from envs.vlm.tokenizer import TextTokenizer
 
 LLM, VIT = "model.transformer.", "model.vision_backbone."
 
@@ -128,11 +131,6 @@ def convert_checkpoint(
     src: str | Path, out: str | Path, preset: str = "molmoe-1b", dtype: torch.dtype = torch.bfloat16
 ) -> Path:
     """Convert a local MolmoE checkpoint directory (weights + tokenizer.json) into a model directory."""
-    from envs.vlm.checkpoint import _rebuild_buffers, check_state_dict, save_model
-    from envs.vlm.model import KnobVLM
-    from envs.vlm.presets import get_preset
-    from envs.vlm.tokenizer import TextTokenizer
-
     cfg = get_preset(preset)
     tokenizer = TextTokenizer.load(Path(src) / "tokenizer.json")
     with torch.device("meta"):

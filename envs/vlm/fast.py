@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from envs.vlm.decode import Generation, greedy_step
 from envs.vlm.presets import FIRST_KNOBBED_LAYER
 from envs.vlm.staged import run_layer
 
@@ -234,8 +235,6 @@ class FastPath:
 
     def generate(self, state: FastPrefixState, layers, top_k: int, max_new: int, timer, ignore_eos: bool):
         """The fast twin of `KnobVLM.generate` (same bookkeeping, same greedy loop)."""
-        from envs.vlm.model import Generation, greedy_step
-
         m = self.model
         bk = self.buckets[state.bucket_key]
         if state.epoch != bk.epoch:

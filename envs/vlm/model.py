@@ -13,7 +13,7 @@ Every stage takes a batch of requests that share a config.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +22,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig, OlmoeMo
 
 from envs.vlm.connector import MolmoConnector
 from envs.vlm.crops import Crops, crop_count, image_size, make_crops
+from envs.vlm.decode import Generation, greedy_step
 from envs.vlm.errors import InputError, KnobError
+from envs.vlm.fast import FastPath
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS, VLMConfig
 from envs.vlm.ranking import BlockRanking
 from envs.vlm.staged import KVCache, attention_mask, run_layer
@@ -84,42 +86,6 @@ class PrefixState:
     side_state: torch.Tensor | None = None  # [B, d] a side token's state after layer 2 (see `prefix`)
 
 
-@dataclass
-class Generation:
-    answers: list[str]
-    token_ids: list[list[int]]  # generated ids per request, <eos> excluded
-    layers_run: list[int]
-    top_k: int
-    blocks: int
-    expert_calls: list[int]  # per request, whole LLM (layers 0-2 too), prefill and decode
-    expert_calls_by_layer: list[int]  # summed over the batch, per LLM layer
-    step_logits: list[torch.Tensor] = field(repr=False)  # [B, V] per generated position
-    decode_steps: list[int] = field(default_factory=list)  # forward passes after prefill, per request
-
-
-def greedy_step(tokens, generated, done, eos, ignore_eos, max_new, decode_steps, per_request, calls) -> bool:
-    """Take each unfinished request's next token (or its end); count the decode step the rest need.
-
-    Returns True when every request is done. Shared by the plain and the fast path so both stop,
-    count steps and count expert calls the same way.
-    """
-    for i, tok in enumerate(tokens):
-        if done[i]:
-            continue
-        if tok == eos and not ignore_eos:
-            done[i] = True
-            continue
-        generated[i].append(tok)
-        done[i] = len(generated[i]) >= max_new
-    if all(done):
-        return True
-    for i, finished in enumerate(done):
-        if not finished:
-            decode_steps[i] += 1
-            per_request[i] += calls
-    return False
-
-
 def preprocess_requests(
     cfg: VLMConfig,
     tokenizer: TextTokenizer,
@@ -129,7 +95,7 @@ def preprocess_requests(
     answers: list[str] | None = None,
 ) -> Preprocessed:
     """Crops and token ids of a batch: host work that needs no weights, so a training data worker
-    can run it ahead of the accelerator (`envs/vlm/train.py`). `KnobVLM.preprocess` is this call."""
+    can run it ahead of the accelerator (`training/batches.py`). `KnobVLM.preprocess` is this call."""
     if tier not in TIERS:
         raise KnobError(f"unknown tier {tier!r}; choose one of {list(TIERS)}")
     if len(images) != len(questions) or not images:
@@ -222,8 +188,6 @@ class KnobVLM(nn.Module):
 
         Training (grad enabled) always takes the plain path. `use_fast_path(None)` switches back.
         """
-        from envs.vlm.fast import FastPath
-
         self.fast = None if bucket is None else FastPath(self, bucket, graphs, compile_layers)
         return self.fast
 

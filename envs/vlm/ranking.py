@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from envs.tasks.metrics import exact_match
+from envs.vlm.errors import CheckpointError
 
 FIRST = 3
 
@@ -46,8 +47,6 @@ class BlockRanking:
 
     @classmethod
     def load(cls, path: Path, n_layers: int) -> BlockRanking:
-        from envs.vlm.errors import CheckpointError
-
         d = json.loads(Path(path).read_text())
         r = cls(
             d["method"],
