@@ -15,6 +15,7 @@ from envs.vlm.fast import FastPrefixState
 from scripts.profile_latency import main as profile_main
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW = pytest.mark.slow
 
 
 @pytest.fixture
@@ -46,14 +47,15 @@ def assert_same(plain, fast, atol=1e-5):
             torch.testing.assert_close(b, a, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("tier", ["low", "medium", "high"])
-@pytest.mark.parametrize("ignore_eos", [True, False])
+@pytest.mark.parametrize("tier", ["low", pytest.param("medium", marks=SLOW), pytest.param("high", marks=SLOW)])
+@pytest.mark.parametrize("ignore_eos", [True, pytest.param(False, marks=SLOW)])
 def test_fast_path_equals_plain_path(model, images, tier, ignore_eos):
     """Batch of three prompts of different lengths (left padding), two configs from one prefix."""
     plain, fast = both_paths(model, images, QUESTIONS, tier, [(8, 13), (1, 5), (4, 9)], ignore_eos=ignore_eos)
     assert_same(plain, fast)
 
 
+@pytest.mark.slow
 def test_one_phase_per_config_and_bucket_whatever_the_prompt(model, images):
     """Prompts of other lengths in the same bucket replay the same phases (nothing new to capture)."""
     fast = model.use_fast_path(bucket=512)
@@ -91,6 +93,7 @@ def test_training_still_takes_the_plain_path(model, images):
     assert model.vit.embeddings.patch_embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_tolerance():
     """bf16 on CPU: first-token logits within 2% of their largest magnitude; the embedded model's
     first answer token unchanged wherever its margin exceeds twice that bound (an undecided
@@ -114,12 +117,14 @@ def test_bfloat16_tolerance():
         model.use_fast_path(None)
 
 
+@pytest.mark.slow
 def test_compiled_layers_equal_the_plain_path(model, images):
     """torch.compile (inductor) runs on CPU too; one config keeps the compile time short."""
     plain, fast = both_paths(model, images[:2], QUESTIONS[:2], "low", [(4, 7)], max_new_tokens=3, compile_layers=True)
     assert_same(plain, fast, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_profile_script_profiles_both_paths_in_one_run(tmp_path):
     out = tmp_path / "profile.json"
     args = ["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--mape-n", "0"]
@@ -137,6 +142,7 @@ def test_profile_script_profiles_both_paths_in_one_run(tmp_path):
         profile_main([*args, "--fast", "--bucket", "0", "--out", str(out)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast, runs_per_request", [(None, 1), ("eager", 1), ("graphs", 2)])
 def test_live_check_times_graph_replays_not_their_capture(model, monkeypatch, fast, runs_per_request):
     """A request's first run on the graph path captures its graphs: the live check times a second run."""
@@ -158,6 +164,7 @@ def test_live_check_times_graph_replays_not_their_capture(model, monkeypatch, fa
     assert all(calls[i] == calls[i + 1] for i in range(0, len(calls), runs_per_request) if runs_per_request == 2)
 
 
+@pytest.mark.slow
 def test_device_benchmark_dry_run_on_cpu(tmp_path):
     """benchmarks/fast_path.py is the GPU check; on CPU with the tiny preset it must run end to end."""
     bench = load_benchmark("fast_path.py")
@@ -172,6 +179,7 @@ def test_device_benchmark_dry_run_on_cpu(tmp_path):
     assert report["floors"]["decode_floor_ms"] > 0 and report["floors"]["prefill_floor_ms"] > 0
 
 
+@pytest.mark.slow
 def test_kernel_breakdown_dry_run_on_cpu(tmp_path):
     """benchmarks/fast_path_kernels.py profiles each phase's kernels; on CPU its aten ops stand in."""
     out = tmp_path / "kernels.json"

@@ -101,7 +101,9 @@ def _calibration(n=4):
     return [(random_image(64 + 8 * i, 80, i), "what colour is the largest shape?", "red") for i in range(n)]
 
 
-@pytest.mark.parametrize("method", ["adalora", "block_influence", "leave_one_out"])
+@pytest.mark.parametrize(
+    "method", ["adalora", "block_influence", pytest.param("leave_one_out", marks=pytest.mark.slow)]
+)
 def test_rankings_are_permutations_that_record_their_method(tiny, method):
     r = compute_ranking(tiny, method, _calibration(), tier="low", batch_size=2)
     assert r.method == method and sorted(r.order) == list(range(3, 16))
@@ -134,6 +136,7 @@ def test_unknown_ranking_method(tiny):
         compute_ranking(tiny, "magic", _calibration())
 
 
+@pytest.mark.slow
 def test_answer_cli_json(tmp_path, capsys):
     Image.fromarray(random_image(120, 160, 7)).save(tmp_path / "img.png")
     common = ["--model", "tiny", "--image", str(tmp_path / "img.png"), "--question", "what colour?", "--json"]

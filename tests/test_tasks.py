@@ -98,6 +98,7 @@ def test_complement_asks_the_same_scene_with_the_other_answer(mode):
     assert (attribute_questions > 20) == (mode == "attribute")
 
 
+@pytest.mark.slow
 def test_recolour_pairs_repaint_one_small_object_and_flip_the_answer():
     kinds, shown = Counter(), 0
     for s in SynthVQA(12, 600, families=("presence",)):
