@@ -30,6 +30,7 @@ def _policy(env, vlm_dir, stage1):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage1", ["budget", "prompt"])
 def test_served_decisions_and_answers_equal_the_live_environments(world, vlm_dir, stage1):
     tiny, _, _, samples = world
@@ -66,6 +67,7 @@ def test_overhead_is_measured_and_a_bad_budget_is_refused(world, vlm_dir):
         server.serve(samples[0].image, samples[0].question, float("nan"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["mlp", "transformer"])  # numpy copy / torch
 def test_single_stage_served_decisions_equal_the_live_environments(world, vlm_dir, fusion):
     tiny, _, _, samples = world
@@ -126,6 +128,7 @@ def test_answer_script_serves_a_saved_policy_and_refuses_what_it_cannot(world, v
     assert answer_main([*argv, "--budget-ms", "12"]) == 2 and "light encoder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["two_stage", "single_stage"])
 def test_the_budget_guard_serves_as_the_environment_does_and_is_saved_with_the_policy(world, vlm_dir, kind, tmp_path):
     from envs.guard import BudgetGuard
