@@ -8,14 +8,16 @@ from policies.light_encoder import distill, encode, global_pixels, overhead_ms
 
 
 def use_light_encoder(assets: Assets, seed: int = 0) -> float:
-    """Distil a light global-view encoder on the train split and swap its features into the train and test
-    splits of `assets` (changed in place: build them for the run, not from `load_assets`' cache). The
-    controller then pays the light encoder's time for every tier: the VLM cannot reuse its features.
-    Returns the distillation's relative error."""
+    """Distil a light global-view encoder on the train split and swap its features into the train,
+    validation and test splits of `assets` (changed in place: build them for the run, not from
+    `load_assets`' cache). The controller then pays the light encoder's measured time for every tier:
+    the VLM cannot reuse its features. Returns the distillation's relative error."""
     train_px = global_pixels(assets.vlm, dataset_samples(assets.train.table.meta["dataset"]))
     encoder, error = distill(assets.vlm, train_px, assets.train.features.global_view, seed=seed)
     assets.train.features.global_view = encode(encoder, train_px)
-    test_px = global_pixels(assets.vlm, dataset_samples(assets.test.table.meta["dataset"]))
-    assets.test.features.global_view = encode(encoder, test_px)
+    for held_out in (assets.val, assets.test):  # validation selects checkpoints on the features serving sees
+        if held_out is not None:
+            pixels = global_pixels(assets.vlm, dataset_samples(held_out.table.meta["dataset"]))
+            held_out.features.global_view = encode(encoder, pixels)
     assets.global_ms, assets.reuse_low = overhead_ms(encoder, train_px), False
     return error

@@ -55,9 +55,8 @@ def oracle_action(env, scores: np.ndarray | None = None) -> tuple[int, int, int]
     Latencies include what the environment adds (controller time), so labels respect the budget.
     `scores` (`oracle_scores`) default to the sample's own. Where nothing fits, the label is the
     best-reward config under the env's penalty, as the evaluation's oracle takes (under the indicator
-    penalty, the best score). The label jumps there below the feasibility edge; the policies see the
-    edge in the headroom's signs (before they did, such labels made them overshoot budgets just
-    above it: violations 0.13-0.65 after BC, so the label was the cheapest config).
+    penalty, the best score). The label jumps there below the feasibility edge; the policies see that
+    edge in the headroom's signs, so the jump does not push them over budgets just above it.
     """
     table = env.backend.table
     scores = table.score if scores is None else scores

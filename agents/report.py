@@ -17,7 +17,7 @@ def _names(block: dict) -> list[str]:
 
 
 def _alpha(sel: dict) -> str:
-    if "alpha" not in sel:  # runs before the threshold was corrected for the number of checks
+    if "alpha" not in sel:  # a report without the threshold's alpha: nothing to say
         return ""
     return (
         f", the threshold that keeps a no-gain replacement below {sel['alpha']:g} over the checks, on "

@@ -108,7 +108,7 @@ class TwoStageServer(_Server):
         if with_controller is None:
             with_controller = self.predict(image, question)[1]
         obs = self._budget_obs(budget_ms, with_controller)
-        if self.heads.reads_prompt:  # options B read the prompt embedding
+        if self.heads.reads_prompt:  # the prompt and router variants read the prompt embedding
             obs["prompt"] = prompt_embedding(self.vlm, question)
         return obs
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         for dist, block in rep["results"].items():
             policy = "ppo" if "ppo" in block else "policy"
             r = block[policy]
-            gain = block.get("_paired", {}).get(f"{policy} - best_static")  # runs before it was recorded: none
+            gain = block.get("_paired", {}).get(f"{policy} - best_static")  # reports without paired differences
             rows.append((name, dist, r["accuracy"], r["violation_rate"], r["mean_latency_ms"], r["mean_reward"],
                          r["controller_ms"], block["best_static"]["mean_reward"],
                          f"{gain['mean']:+.3f} ({gain['se']:.3f})" if gain else "n/a",

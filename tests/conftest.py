@@ -1,4 +1,5 @@
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,17 @@ def _envs(world, cls=TwoStageKnobEnv, **kw):
     replay = cls(ReplayBackend(table, feats, lm, model.cfg.knob_lists()), parse_distribution("uniform"), 20.0, **kw)
     live = cls(LiveBackend(model, samples, lm), parse_distribution("uniform"), 20.0, **kw)
     return replay, live
+
+
+@pytest.fixture(scope="session")
+def world_assets(world, tmp_path_factory):
+    """A model directory laid out like the embedded one (envs/assets.py): the world's model, a profile beside it
+    (and a second, `latency_slow`), and the world's one table standing in for every split."""
+    tiny, table, _, _ = world
+    root = save_model(tiny, tmp_path_factory.mktemp("world_assets") / "tiny")
+    (root / "latency_cpu.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 25.0}))
+    (root / "latency_slow.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 50.0}))
+    (root / "outcomes").mkdir()
+    for split in ("train", "val", "test"):
+        table.save_npz(root / "outcomes" / f"{split}.npz")
+    return root

@@ -1,14 +1,13 @@
 """The public API: `import envs` registers the environments, `gymnasium.make` builds them from keyword
 arguments, the packages export their entry points, and no import order meets a cycle."""
 
-import json
 import subprocess
 import sys
 import warnings
 
 import gymnasium as gym
 import pytest
-from conftest import ROOT, fake_latency
+from conftest import ROOT
 from gymnasium.utils.env_checker import check_env
 
 import agents
@@ -17,20 +16,11 @@ import policies
 from envs.assets import load_assets
 from envs.budgets import BudgetError, Penalty, parse_distribution
 from envs.knob_env import LiveBackend, SingleStageKnobEnv, TwoStageKnobEnv
-from envs.vlm.checkpoint import save_model
 
 
-@pytest.fixture(scope="module")
-def model_dir(world, tmp_path_factory):
-    """A model directory laid out like the embedded one; the world's one table stands in for every split."""
-    tiny, table, _, _ = world
-    root = save_model(tiny, tmp_path_factory.mktemp("api") / "tiny")
-    (root / "latency_cpu.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 25.0}))
-    (root / "latency_slow.json").write_text(json.dumps({"model": fake_latency(), "reference_full_ms": 50.0}))
-    (root / "outcomes").mkdir()
-    for split in ("train", "val", "test"):
-        table.save_npz(root / "outcomes" / f"{split}.npz")
-    return root
+@pytest.fixture
+def model_dir(world_assets):
+    return world_assets
 
 
 @pytest.fixture(autouse=True)

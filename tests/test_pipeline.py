@@ -160,6 +160,18 @@ def test_bad_pinned_charges_are_refused(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,match", [
+    (["--guard-ms", "0.1"], "--guard-ms pins the guard's time only beside --controller-ms"),
+    (["--controller-ms", "-2"], "--controller-ms must be >= 0 ms"),
+])  # fmt: skip
+def test_evaluate_refuses_bad_pinned_charges(extra, match, tmp_path, capsys):
+    from scripts.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit):
+        evaluate_main(["--policy", str(tmp_path / "p.zip"), "--seed", "1", "--out", str(tmp_path / "o.json"), *extra])
+    assert match in capsys.readouterr().err
+
+
 @pytest.mark.slow  # the `assets` fixture builds three outcome tables
 def test_bad_budget_distribution_is_reported(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
@@ -188,6 +200,12 @@ def test_evaluate_and_compare_scripts(assets, tmp_path, monkeypatch, capsys):
     assert {"policy - bc_only", "policy - best_static", "bc_only - best_static"} == set(
         rep["results"]["tight"]["_paired"]
     )
+    pinned = []  # a pinned charge: two evaluations of one seed agree exactly
+    for name in ("p1.json", "p2.json"):
+        assert evaluate_main([*argv[:-1], str(tmp_path / name), "--controller-ms", "0.5", "--guard-ms", "0.1"]) == 0
+        pinned.append(json.loads((tmp_path / name).read_text()))
+    assert pinned[0]["meta"]["controller"] == {"pinned": True, "charged_ms": 0.5, "guard_charged_ms": 0.1}
+    assert pinned[0] == pinned[1]
     assert compare_main([str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.png").is_file()
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
