@@ -65,3 +65,17 @@ def test_built_steps_are_the_ones_whose_model_exists(tmp_path):
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"")
     assert is_built(recipe, tmp_path)
+
+
+def test_every_option_has_its_help_text_from_the_comment_beside_its_field(capsys):
+    import dataclasses
+
+    from training.cli import field_help
+
+    helps = field_help(TrainArgs)
+    assert {f.name for f in dataclasses.fields(TrainArgs)} <= set(helps)
+    assert helps["carry_layers"] == "after these layers"
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # whatever the terminal width
+    assert "--carry-layers LAYER [LAYER ...] after these layers (default: (1, 2))" in shown

@@ -28,17 +28,17 @@ COMPLEMENT_PAIRS = ("none", *PAIR_MODES)  # see synthvqa.complement
 
 @dataclass
 class CoreArgs:
-    out: Path = Path("runs/tiny_vlm")
-    preset: str = "tiny"
-    steps: int = 3000
+    out: Path = Path("runs/tiny_vlm")  # the run folder: args.json, checkpoint.pt, tb/ and model/
+    preset: str = "tiny"  # the model shapes (envs/vlm/presets.py)
+    steps: int = 3000  # length of the learning-rate schedule, and of the run unless stop_at ends it sooner
     stop_at: int = 0  # > 0: end (rank, save) after this many steps; the lr schedule still spans `steps`
     max_minutes: float = 0.0  # > 0: end (checkpoint, rank, save) once training has run this long (a lent GPU's time)
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
+    batch_size: int = 32  # SynthVQA questions per step
+    lr: float = 2e-3  # peak learning rate (AdamW), after `warmup` linear steps
+    min_lr: float = 1e-4  # where the cosine schedule ends
+    warmup: int = 100  # steps of linear learning-rate warm-up
+    weight_decay: float = 0.05  # AdamW decay of the weight matrices (not norms, biases, embeddings)
+    grad_clip: float = 1.0  # gradient norm clip
     p_full: float = 0.3  # share of batches that run the full config (anchors the best config's accuracy)
     full_steps: int = 500  # progressive shrinking: the first steps train the full config only
     aux_weight: float = 1.0  # weight of the dense vision-token loss (0 turns it off)
@@ -49,26 +49,26 @@ class CoreArgs:
     workers: int = 0  # > 0: processes that render and crop the next steps' scenes while this one trains (GPU)
     complement_pairs: str = "none"  # none | hard | easy | attribute | recolour: see synthvqa.complement
     boost_layers: tuple[int, ...] = ()  # these layers' MoE MLPs train at lr * boost_scale (see `param_groups`)
-    boost_scale: float = 1.0
-    tier_weights: tuple[float, float, float] = field(
+    boost_scale: float = 1.0  # learning-rate multiple of the boosted layers
+    tier_weights: tuple[float, float, float] = field(  # how often each tier is drawn (low, medium, high)
         default=(1.0, 1.0, 1.0), metadata={"metavar": ("LOW", "MED", "HIGH")}
     )
     family_weights: tuple[float, ...] = field(  # task mix, in FAMILIES order; equal: cycle
         default=(1.0,) * len(FAMILIES), metadata={"nargs": len(FAMILIES), "metavar": tuple(f.upper() for f in FAMILIES)}
     )
-    seed: int = 0
-    val_every: int = 250
-    val_n: int = 250
+    seed: int = 0  # model init and knob draws (each step's draw depends on seed and step only)
+    val_every: int = 250  # steps between validations (probe accuracy, accuracy of six configs)
+    val_n: int = 250  # validation questions
     probe_n: int = 50  # validation images the vision probe's accuracy is measured on
-    ckpt_every: int = 50
-    ranking: str = "adalora"
-    ranking_n: int = 256
+    ckpt_every: int = 50  # steps between checkpoints (the run resumes from the last)
+    ranking: str = "adalora"  # block-ranking method run after training (envs/vlm/ranking.py)
+    ranking_n: int = 256  # calibration questions of the block ranking
     ship: Path | None = None  # also write the final model directory here
     init: Path | None = None  # start from this model directory's weights (e.g. to continue training)
     reinit_vision: bool = False  # with init: keep its LLM, start ViT and connector afresh
     fresh_probe: bool = False  # with init: start the vision probe afresh even where that run saved one
-    device: str = "cpu"
-    ship_dtype: str = "float16"
+    device: str = "cpu"  # torch device of the training (cpu, cuda)
+    ship_dtype: str = "float16"  # dtype of the saved model weights
 
 
 @dataclass

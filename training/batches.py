@@ -29,7 +29,7 @@ def sample_knobs(rng: np.random.Generator, cfg, args, step: int = 0) -> tuple[st
     (LayerDrop-style), so every config stays usable whatever the block ranking picks later."""
     n_layers = cfg.llm.layers
     w = np.array(args.tier_weights, dtype=np.float64)
-    tier = TIERS[int(rng.choice(3, p=w / w.sum()))]
+    tier = TIERS[int(rng.choice(len(TIERS), p=w / w.sum()))]
     if step < args.full_steps or rng.random() < args.p_full:
         return tier, cfg.llm.top_k, list(range(n_layers))
     top_k = int(rng.choice(cfg.knobs.top_k))

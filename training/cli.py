@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -29,17 +31,31 @@ def read_recipe(path: Path) -> dict:
     return {k: getattr(typed, k) for k in values}
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default after its help."""
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The comment after each field of the dataclass `cls` and of its bases: the field's --help text."""
+    out = {}
+    for base in reversed(cls.__mro__[:-1]):
+        for match in re.finditer(r"^\s+(\w+): [^\n#]*#\s*(.+)$", inspect.getsource(base), re.MULTILINE):
+            out[match[1]] = match[2]
+    return out
+
+
 def parser(description: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser with a flag per TrainArgs field (`--batch-size` for `batch_size`) and `--recipe`."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     ap.add_argument("--recipe", type=Path, help="JSON file of option values (a lineage step or a run's args.json)")
-    hints = typing.get_type_hints(TrainArgs)
+    hints, helps = typing.get_type_hints(TrainArgs), field_help(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
         flag, hint, meta = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
+        meta["help"] = helps.get(f.name, f.name.replace("_", " "))
         if hint is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         elif hint in (Path, Path | None):
-            ap.add_argument(flag, type=Path, default=f.default)
+            ap.add_argument(flag, type=Path, default=f.default, help=meta["help"])
         elif typing.get_origin(hint) is tuple:
             items = typing.get_args(hint)
             nargs = meta.pop("nargs", "+" if items[-1] is Ellipsis else len(items))

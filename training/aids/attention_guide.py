@@ -45,8 +45,10 @@ from training.aids.base import LossTerm, Part
 class AttentionGuideOptions:
     attn_weight: float = 0.0  # > 0: guide where the answer position looks
     attn_layers: tuple[int, ...] = (2,)  # layers whose `attn_head` is guided (0-2 run in every config)
-    attn_head: int = 1
-    attn_families: tuple[str, ...] = field(default=FAMILIES, metadata={"choices": FAMILIES, "metavar": "FAMILY"})
+    attn_head: int = 1  # the guided head of each of those layers
+    attn_families: tuple[str, ...] = field(  # the families whose rows the guide points
+        default=FAMILIES, metadata={"choices": FAMILIES, "metavar": "FAMILY"}
+    )
     attn_presence: str = field(default="match", metadata={"choices": PRESENCE_LOOKS})  # or "shape": see asked_objects
     read_weight: float = 0.0  # > 0: name the looked-at colours at the guided layers (two-step presence)
     early_weight: float = 0.0  # > 0: presence answers read at the guided layers too (deep supervision)

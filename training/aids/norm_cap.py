@@ -20,7 +20,7 @@ from training.aids.base import LossTerm, Part
 @dataclass
 class NormCapOptions:
     norm_cap: float = 0.0  # > 0: penalise answer positions whose residual RMS exceeds this
-    norm_weight: float = 0.1
+    norm_weight: float = 0.1  # weight of that penalty
 
 
 class AnswerNormPenalty:

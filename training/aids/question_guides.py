@@ -24,11 +24,11 @@ from training.aids.base import LossTerm, Part
 @dataclass
 class QuestionGuideOptions:
     ask_weight: float = 0.0  # > 0: guide `ask_head` of `ask_layers` to the presence question's colour word
-    ask_layers: tuple[int, ...] = (1,)
-    ask_head: int = 0
+    ask_layers: tuple[int, ...] = (1,)  # layers whose `ask_head` is guided
+    ask_head: int = 0  # the guided head of each of those layers
     match_weight: float = 0.0  # > 0: guide `match_head` of `match_layers` to the colour word on "yes", <bos> on "no"
-    match_layers: tuple[int, ...] = (3,)
-    match_head: int = 0
+    match_layers: tuple[int, ...] = (3,)  # layers whose `match_head` is guided
+    match_head: int = 0  # the guided head of each of those layers
 
 
 class _PositionGuide(LossTerm):
