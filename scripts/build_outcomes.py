@@ -20,7 +20,7 @@ from pathlib import Path
 from envs.oracle import pareto_plot
 from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl, retime_outcomes
 from envs.tasks.synthvqa import dataset_spec
-from envs.vlm.checkpoint import EMBEDDED
+from envs.vlm.checkpoint import EMBEDDED, load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import PRESETS, TIERS
@@ -86,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     dataset = dataset_spec(args.seed, args.n)
     if args.manifest:
         dataset = {"kind": "manifest", "path": str(args.manifest.resolve())}
-    from envs.vlm.checkpoint import load_model
-
     try:
         model = load_model(args.model)
     except CheckpointError as e:
