@@ -1,6 +1,7 @@
 """The public API: `import envs` registers the environments, `gymnasium.make` builds them from keyword
 arguments, the packages export their entry points, and no import order meets a cycle."""
 
+import ast
 import subprocess
 import sys
 import warnings
@@ -156,3 +157,22 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
         code = "; ".join(f"import {m}" for m in order)
         done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
+
+
+PROJECT = ("envs", "agents", "policies", "training", "diagnostics")
+
+
+def test_no_function_imports_the_projects_own_modules():
+    """Project modules import each other at the top: a function-level import would hide a cycle."""
+    found = []
+    for folder in (*PROJECT, "scripts", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    for inner in ast.walk(node):
+                        if isinstance(inner, ast.ImportFrom) and (inner.module or "").split(".")[0] in PROJECT:
+                            found.append(f"{path.relative_to(ROOT)}:{inner.lineno} {inner.module}")
+                        elif isinstance(inner, ast.Import):
+                            found += [f"{path.relative_to(ROOT)}:{inner.lineno} {a.name}" for a in inner.names
+                                      if a.name.split(".")[0] in PROJECT]  # fmt: skip
+    assert found == []
