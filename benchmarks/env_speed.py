@@ -15,8 +15,7 @@ import numpy as np
 
 from envs.assets import Assets
 from envs.budgets import parse_distribution
-from envs.knob_env import LiveBackend, Penalty
-from envs.outcomes import dataset_samples
+from envs.knob_env import Penalty
 
 
 def steps_per_second(env, steps: int, seed: int = 0) -> float:
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("two_stage", "single_stage"):
         env = assets.env(kind, assets.train, dist, penalty)
         report[f"replay_{kind}_steps_per_s"] = steps_per_second(env, args.steps)
-        live = LiveBackend(assets.vlm, dataset_samples(assets.test.table.meta["dataset"]), assets.latency_model)
-        env = assets.env(kind, live, dist, penalty)
+        env = assets.env(kind, assets.live("test"), dist, penalty)
         steps = args.live_episodes * (2 if kind == "two_stage" else 1)
         report[f"live_{kind}_episodes_per_s"] = steps_per_second(env, steps) / (steps / args.live_episodes)
     print(json.dumps(report, indent=1))
