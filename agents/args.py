@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.imitation import ORACLES
@@ -42,10 +42,11 @@ class Args:
     ent_coef: float = 0.003
     guard: bool = True  # the budget guard (envs/guard.py) serves requests no config fits after the controller
     repair: bool = True  # and (with the guard) serves a config that fits where the policy's does not
-    # the controller's charged time per request (ms); None: measured on the serving path. Pinning it skips the
-    # timing and makes two runs of one seed identical
-    controller_ms: float | None = None
-    guard_ms: float | None = None  # the budget guard's charged time; None: measured, or controller_ms if pinned
+    controller_ms: float | None = field(default=None, metadata={"help": (
+        "charge this controller time (ms) per request instead of measuring it on the serving path: two runs of "
+        "one seed then write identical numbers (a light encoder's own time stays measured)")})  # fmt: skip
+    guard_ms: float | None = field(default=None, metadata={
+        "help": "with --controller-ms: the budget guard's charged time (ms); default --controller-ms"})  # fmt: skip
     seed: int = 0
 
     def __post_init__(self):

@@ -35,11 +35,11 @@ def parse(argv: list[str] | None) -> Args:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Args)
     for f in dataclasses.fields(Args):
-        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        flag, kind, help_ = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name]), f.metadata.get("help")
         if kind is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
-            ap.add_argument(flag, type=kind, default=f.default)
+            ap.add_argument(flag, type=kind, default=f.default, help=help_)
     ns = ap.parse_args(argv)
     try:
         return Args(**vars(ns))
