@@ -48,7 +48,8 @@ def live_error(model, latency_model: LatencyModel, n: int, seed: int = 0) -> dic
     knobs = model.cfg.knob_lists()
     errors: dict[str, list[float]] = {"total": [], "vision": [], "prefill": [], "decode": []}
     for s in SynthVQA(SPLIT_SEEDS["val"], n):
-        tier, k, b = (knobs["tier"][rng.integers(3)], int(rng.choice(knobs["top_k"])), int(rng.choice(knobs["blocks"])))
+        tier = knobs["tier"][rng.integers(len(knobs["tier"]))]
+        k, b = int(rng.choice(knobs["top_k"])), int(rng.choice(knobs["blocks"]))
         if model.fast is not None and model.fast.graphs:
             # a shape's first request captures its graphs (a one-off a server pays at start-up, not per request)
             timed_answer(model, s.image, s.question, tier, k, b)
