@@ -79,3 +79,17 @@ def test_every_option_has_its_help_text_from_the_comment_beside_its_field(capsys
         parse(["--help"])
     shown = " ".join(capsys.readouterr().out.split())  # whatever the terminal width
     assert "--carry-layers LAYER [LAYER ...] after these layers (default: (1, 2))" in shown
+
+
+def test_every_aids_options_are_fields_of_train_args_and_off_by_default():
+    import dataclasses
+
+    from training.aids import AIDS, active_aids
+
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    for aid in AIDS:
+        assert issubclass(TrainArgs, aid.options)
+        assert {f.name for f in dataclasses.fields(aid.options)} <= fields
+    assert active_aids(TrainArgs()) == []  # a plain run trains with the answer and dense vision losses only
+    on = TrainArgs(attn_weight=0.1, carry_weight=0.2, norm_cap=5.0)
+    assert [a.__name__ for a in active_aids(on)] == ["GuidedAttention", "AskedColourCarry", "NormCap"]
