@@ -12,6 +12,7 @@ must give identical pixels and patch masks: checked here on every image timed an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-images", type=int, default=12, help="extra random sizes checked for equality")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    cfg = get_preset(args.preset).vision
+    # the uint8 table path is the per-tile layout's; a Molmo-layout model resizes in float32, as Molmo does
+    cfg = dataclasses.replace(get_preset(args.preset).vision, layout="per_tile")
     knobs = get_preset(args.preset).knobs
     rng = np.random.default_rng(0)
     sizes = rng.integers(cfg.crop_size // 3, 4 * cfg.crop_size, size=(args.random_images, 2))

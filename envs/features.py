@@ -46,7 +46,7 @@ class RequestFeatures:
 
 def prompt_embedding(model, question: str) -> np.ndarray:
     """Mean input embedding of the prompt's tokens: what stage 1 knows before any vision work."""
-    ids = torch.tensor(model.tokenizer.prompt_ids(question), device=model.device)
+    ids = torch.tensor(model.tokenizer.prompt_ids(question, model.cfg.always_start_with_space), device=model.device)
     with torch.no_grad():
         return model.llm.embed_tokens(ids).float().mean(0).cpu().numpy()
 

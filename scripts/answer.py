@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-ms", type=float, help="the request's latency budget, with --policy")
     ap.add_argument("--warmup", type=int, default=2, help="with --policy: untimed runs of the request first")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the answer and its costs")
-    ap.add_argument("--list-knobs", action="store_true", help="print the preset's knob values as JSON")
+    ap.add_argument("--list-knobs", action="store_true", help="print the knob values and tiers' max-crops as JSON")
+    ap.add_argument(
+        "--top-logits",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --json: the first generated token's N largest logits, as [[token_id, value], ...]",
+    )
     args = ap.parse_args(argv)
     if args.policy is not None:
         return _serve(ap, args)
@@ -44,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore" if args.list_knobs else "default")
             model = load_model(args.model)
         if args.list_knobs:
-            print(json.dumps(model.cfg.knob_lists()))
+            knobs = model.cfg.knob_lists()
+            print(json.dumps({"tier": knobs["tier"], "max_crops": dict(model.cfg.knobs.max_crops),
+                              "top_k": knobs["top_k"], "blocks": knobs["blocks"]}))  # fmt: skip
             return 0
         if args.image is None or args.question is None:
             ap.error("--image and --question are required (or --list-knobs)")
@@ -72,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "block_ranking": model.ranking.method,
         "latency_ms": {**{k: round(v, 3) for k, v in res.parts_ms.items()}, "total": round(res.total_ms, 3)},
     }
+    if args.top_logits > 0:
+        values, ids = gen.step_logits[0][0].float().topk(min(args.top_logits, gen.step_logits[0].shape[-1]))
+        out["top_logits"] = [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
     print(json.dumps(out))
     return 0
 

@@ -12,56 +12,163 @@ import torch.nn.functional as F
 V, T = "model.vision_backbone.", "model.transformer."
 
 
-def synthetic_molmo_state_dict(cfg, extra_vocab: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def molmo_key_shapes(cfg, extra_vocab: int = 128) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a MolmoE checkpoint in the Hugging Face remote-code layout, with its shape.
 
-    def rnd(*shape, scale=0.05):
-        return torch.randn(*shape, generator=g) * scale
-
-    def norm(n):
-        return 1 + rnd(n, scale=0.1)
-
+    Key names as that layout spells them: the LLM's layer norms sit under the attention and MLP
+    modules (`blocks.N.attn.attn_norm`, `blocks.N.mlp.ff_norm`), experts one by one.
+    """
     v, c, lm = cfg.vision, cfg.connector, cfg.llm
-    sd = {}
+    sh = {}
     vit = V + "image_vit."
-    sd[vit + "patch_embedding.weight"] = rnd(v.width, v.patch_size**2 * 3)
-    sd[vit + "class_embedding"] = rnd(v.width)
-    sd[vit + "positional_embedding"] = rnd(v.patches_per_side**2 + 1, v.width)
-    sd[vit + "pre_ln.weight"], sd[vit + "pre_ln.bias"] = norm(v.width), rnd(v.width)
+    sh[vit + "patch_embedding.weight"] = (v.width, v.patch_size**2 * 3)
+    sh[vit + "class_embedding"] = (v.width,)
+    sh[vit + "positional_embedding"] = (v.patches_per_side**2 + 1, v.width)
+    sh[vit + "pre_ln.weight"] = sh[vit + "pre_ln.bias"] = (v.width,)
     for i in range(v.layers):
         b = f"{vit}transformer.resblocks.{i}."
         for n in ("wq", "wk", "wv", "wo"):
-            sd[f"{b}attention.{n}.weight"], sd[f"{b}attention.{n}.bias"] = rnd(v.width, v.width), rnd(v.width)
-        sd[b + "feed_forward.w1.weight"], sd[b + "feed_forward.w1.bias"] = rnd(v.mlp, v.width), rnd(v.mlp)
-        sd[b + "feed_forward.w2.weight"], sd[b + "feed_forward.w2.bias"] = rnd(v.width, v.mlp), rnd(v.width)
+            sh[f"{b}attention.{n}.weight"], sh[f"{b}attention.{n}.bias"] = (v.width, v.width), (v.width,)
+        sh[b + "feed_forward.w1.weight"], sh[b + "feed_forward.w1.bias"] = (v.mlp, v.width), (v.mlp,)
+        sh[b + "feed_forward.w2.weight"], sh[b + "feed_forward.w2.bias"] = (v.width, v.mlp), (v.width,)
         for n in ("attention_norm", "ffn_norm"):
-            sd[f"{b}{n}.weight"], sd[f"{b}{n}.bias"] = norm(v.width), rnd(v.width)
-    sd[V + "pad_embed"] = rnd(2, v.feature_width, scale=0.5)
+            sh[f"{b}{n}.weight"] = sh[f"{b}{n}.bias"] = (v.width,)
+    sh[V + "pad_embed"] = (2, v.feature_width)
     inner = c.pool_heads * c.pool_head_dim
     for n in ("wq", "wk", "wv"):
-        sd[f"{V}image_pooling_2d.{n}.weight"] = rnd(inner, v.feature_width)
-        sd[f"{V}image_pooling_2d.{n}.bias"] = rnd(inner)
-    sd[V + "image_pooling_2d.wo.weight"], sd[V + "image_pooling_2d.wo.bias"] = rnd(inner, inner), rnd(inner)
-    sd[V + "image_projector.w1.weight"] = rnd(c.projector_hidden, inner)
-    sd[V + "image_projector.w3.weight"] = rnd(c.projector_hidden, inner)
-    sd[V + "image_projector.w2.weight"] = rnd(lm.d_model, c.projector_hidden)
+        sh[f"{V}image_pooling_2d.{n}.weight"], sh[f"{V}image_pooling_2d.{n}.bias"] = (inner, v.feature_width), (inner,)
+    sh[V + "image_pooling_2d.wo.weight"], sh[V + "image_pooling_2d.wo.bias"] = (inner, inner), (inner,)
+    sh[V + "image_projector.w1.weight"] = sh[V + "image_projector.w3.weight"] = (c.projector_hidden, inner)
+    sh[V + "image_projector.w2.weight"] = (lm.d_model, c.projector_hidden)
     d, e, h = lm.d_model, lm.experts, lm.expert_hidden
-    sd[T + "wte.embedding"] = rnd(lm.vocab_size - extra_vocab, d, scale=1.0)
-    sd[T + "wte.new_embedding"] = rnd(extra_vocab, d, scale=1.0)
-    sd[T + "ln_f.weight"] = norm(d)
-    sd["lm_head.weight"] = rnd(lm.output_vocab_size, d)
+    sh[T + "wte.embedding"] = (lm.vocab_size - extra_vocab, d)
+    sh[T + "wte.new_embedding"] = (extra_vocab, d)
+    sh[T + "ln_f.weight"] = (d,)
+    sh["lm_head.weight"] = (lm.output_vocab_size, d)
     for i in range(lm.layers):
         b = f"{T}blocks.{i}."
-        sd[b + "attn.att_proj.weight"] = rnd(3 * d, d, scale=0.2)
-        sd[b + "attn.attn_out.weight"] = rnd(d, d, scale=0.2)
-        sd[b + "attn.q_norm.weight"], sd[b + "attn.k_norm.weight"] = norm(d), norm(d)
-        sd[b + "attn_norm.weight"], sd[b + "ff_norm.weight"] = norm(d), norm(d)
-        sd[b + "mlp.gate.weight"] = rnd(e, d, scale=0.5)
+        sh[b + "attn.att_proj.weight"], sh[b + "attn.attn_out.weight"] = (3 * d, d), (d, d)
+        for n in ("attn.q_norm", "attn.k_norm", "attn.attn_norm", "mlp.ff_norm"):
+            sh[f"{b}{n}.weight"] = (d,)
+        sh[b + "mlp.gate.weight"] = (e, d)
         for x in range(e):
-            sd[f"{b}mlp.experts.{x}.gate_proj.weight"] = rnd(h, d, scale=0.2)
-            sd[f"{b}mlp.experts.{x}.up_proj.weight"] = rnd(h, d, scale=0.2)
-            sd[f"{b}mlp.experts.{x}.down_proj.weight"] = rnd(d, h, scale=0.2)
+            sh[f"{b}mlp.experts.{x}.gate_proj.weight"] = sh[f"{b}mlp.experts.{x}.up_proj.weight"] = (h, d)
+            sh[f"{b}mlp.experts.{x}.down_proj.weight"] = (d, h)
+    return sh
+
+
+def synthetic_molmo_state_dict(cfg, extra_vocab: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for `molmo_key_shapes`: norms near 1, matrices scaled by 1/sqrt(fan-in) so image
+    tokens reach the LLM at the size of text embeddings (the answers then depend on the image)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in molmo_key_shapes(cfg, extra_vocab).items():
+        noise = torch.randn(*shape, generator=g)
+        if ("norm" in key or "pre_ln" in key) and key.endswith("weight"):
+            sd[key] = 1 + 0.1 * noise
+        elif key.startswith(T + "wte"):
+            sd[key] = noise
+        elif key.endswith(("pad_embed", "mlp.gate.weight", "class_embedding", "positional_embedding")):
+            sd[key] = 0.5 * noise
+        elif len(shape) == 2:
+            sd[key] = noise / shape[1] ** 0.5
+        else:
+            sd[key] = 0.1 * noise
     return sd
+
+
+def to_megablocks(sd, cfg) -> dict[str, torch.Tensor]:
+    """The same weights in megablocks' training layout: `ffn.router.layer.weight`, and experts fused
+    along rows into `ffn.experts.mlp.w1` (gate), `v1` (up) and `w2` (down, stored as [E*h, d])."""
+    out = {k: t for k, t in sd.items() if ".mlp.experts." not in k and not k.endswith("mlp.gate.weight")}
+    for i in range(cfg.llm.layers):
+        b = f"{T}blocks.{i}."
+        out[b + "ffn.router.layer.weight"] = sd[b + "mlp.gate.weight"]
+        ex = [f"{b}mlp.experts.{x}." for x in range(cfg.llm.experts)]
+        out[b + "ffn.experts.mlp.w1"] = torch.cat([sd[x + "gate_proj.weight"] for x in ex])
+        out[b + "ffn.experts.mlp.v1"] = torch.cat([sd[x + "up_proj.weight"] for x in ex])
+        out[b + "ffn.experts.mlp.w2"] = torch.cat([sd[x + "down_proj.weight"].T for x in ex])
+    return out
+
+
+def molmo_config_json(cfg, max_crops: int = 12) -> dict:
+    """Molmo's config.json fields for the shapes of `cfg`."""
+    v, c, lm = cfg.vision, cfg.connector, cfg.llm
+    return {
+        "model_type": "molmo",
+        "d_model": lm.d_model,
+        "n_layers": lm.layers,
+        "n_heads": lm.heads,
+        "n_kv_heads": None,
+        "moe_num_experts": lm.experts,
+        "moe_top_k": lm.top_k,
+        "mlp_ratio": 1,
+        "mlp_hidden_size": 2 * lm.expert_hidden,
+        "embedding_size": lm.output_vocab_size,
+        "additional_vocab_size": lm.vocab_size - lm.output_vocab_size,
+        "vocab_size": lm.output_vocab_size - 24,
+        "layer_norm_type": "rms",
+        "layer_norm_eps": lm.rms_norm_eps,
+        "rope_theta": lm.rope_theta,
+        "max_sequence_length": lm.max_positions,
+        "attention_layer_norm": True,
+        "block_type": "moe",
+        "weight_tying": False,
+        "max_crops": max_crops,
+        "overlap_margins": [v.overlap_margin, v.overlap_margin],
+        "always_start_with_space": True,
+        "image_padding_embed": "pad_and_partial_pad",
+        "image_pooling_2d": "attention-meanq",
+        "use_col_tokens": True,
+        "vit_layers": list(v.feature_layers),
+        "vision_backbone": {
+            "image_default_input_size": [v.crop_size, v.crop_size],
+            "image_patch_size": v.patch_size,
+            "image_emb_dim": v.width,
+            "image_num_layers": v.layers,
+            "image_num_heads": c.pool_heads,
+            "image_head_dim": c.pool_head_dim,
+            "image_mlp_dim": v.mlp,
+            "image_norm_eps": 1e-5,
+        },
+    }
+
+
+# ---------------------------------------------------------------- Molmo's preprocessing, from its description
+
+
+def molmo_layout(tiling, side: int, margin_patches: int, ids):
+    """Molmo's image tokens: the global view as one side x side block, then every tile's pooled grid
+    placed at its offset in the whole image (tiles step by side - margin pooled tokens) with each
+    tile's overlap trimmed - a tile owns its margin only on the image's outer edges. Returns
+    (token ids, patch-token positions, (view, row, col) each patch token carries)."""
+    rows, cols = tiling
+    step, half = side - margin_patches, margin_patches // 2
+    owner = {}
+    for i in range(rows):
+        for j in range(cols):
+            for r in range(side):
+                for c in range(side):
+                    inner_r = (r >= half or i == 0) and (r < side - half or i == rows - 1)
+                    inner_c = (c >= half or j == 0) and (c < side - half or j == cols - 1)
+                    if inner_r and inner_c:
+                        cell = (i * step + r, j * step + c)
+                        assert cell not in owner, "two tiles claim one stitched cell"
+                        owner[cell] = (1 + i * cols + j, r, c)
+    h, w = max(y for y, _ in owner) + 1, max(x for _, x in owner) + 1
+    assert len(owner) == h * w, "the stitched block has holes"
+    tokens, positions, carried = [], [], []
+    for grid in ([[(0, r, c) for c in range(side)] for r in range(side)],
+                 [[owner[(y, x)] for x in range(w)] for y in range(h)]):  # fmt: skip
+        tokens.append(ids["im_start"])
+        for row in grid:
+            for cell in row:
+                positions.append(len(tokens))
+                carried.append(cell)
+                tokens.append(ids["im_patch"])
+            tokens.append(ids["im_col"])
+        tokens.append(ids["im_end"])
+    return tokens, positions, carried
 
 
 def _heads(x, n):
@@ -94,7 +201,8 @@ def reference_vision(sd, cfg, pixels: torch.Tensor, patch_mask: torch.Tensor) ->
         states.append(x)
     feats = torch.cat([states[i][:, 1:] for i in v.feature_layers], dim=-1)  # [n, g*g, 2W]
     m = patch_mask.reshape(n, g * g, 1)
-    feats = feats + (m == 0) * sd[V + "pad_embed"][0] + ((m > 0) & (m < 1)) * sd[V + "pad_embed"][1]
+    # Molmo: 0 is all padding; any other value below 1 (fractions, the -1 rows) is partial padding
+    feats = feats + (m == 0) * sd[V + "pad_embed"][0] + ((m < 1) & (m != 0)) * sd[V + "pad_embed"][1]
     tokens = []
     for r in range(0, g, 2):
         for col in range(0, g, 2):
@@ -136,7 +244,7 @@ def reference_llm(sd, cfg, input_ids: list[int], image_tokens: torch.Tensor, pat
     causal = torch.full((t, t), float("-inf")).triu(1)
     for i in range(lm.layers):
         b = f"{T}blocks.{i}."
-        y = _rms(x, sd[b + "attn_norm.weight"], lm.rms_norm_eps)
+        y = _rms(x, sd[b + "attn.attn_norm.weight"], lm.rms_norm_eps)
         q, k, val = (y @ sd[b + "attn.att_proj.weight"].T).split(d, dim=-1)
         q, k = (
             _rms(q, sd[b + "attn.q_norm.weight"], lm.rms_norm_eps),
@@ -146,7 +254,7 @@ def reference_llm(sd, cfg, input_ids: list[int], image_tokens: torch.Tensor, pat
         q, k = _rope(q, lm.rope_theta), _rope(k, lm.rope_theta)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + causal, dim=-1) @ val
         x = x + att.transpose(0, 1).reshape(t, d) @ sd[b + "attn.attn_out.weight"].T
-        y = _rms(x, sd[b + "ff_norm.weight"], lm.rms_norm_eps)
+        y = _rms(x, sd[b + "mlp.ff_norm.weight"], lm.rms_norm_eps)
         probs = torch.softmax(y @ sd[b + "mlp.gate.weight"].T, dim=-1)
         weights, index = probs.topk(lm.top_k, dim=-1)
         out = torch.zeros_like(y)

@@ -1,5 +1,6 @@
 """Preprocessing, bad input, block rankings and the answer CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -153,6 +154,7 @@ def test_answer_cli_json(tmp_path, capsys):
     assert answer_main(["--model", "tiny", "--list-knobs"]) == 0
     assert json.loads(capsys.readouterr().out) == {
         "tier": ["low", "medium", "high"],
+        "max_crops": {"low": 0, "medium": 4, "high": 12},
         "top_k": [1, 2, 4, 6, 8],
         "blocks": [5, 7, 9, 11, 13],
     }
@@ -174,7 +176,7 @@ def test_uint8_crops_give_the_float_paths_pixels_exactly(tmp_path):
     assert [r["views"] for r in report["tiers"]] == [1, 5, 13]
     rng = np.random.default_rng(5)
     for preset in ("tiny", "molmoe-1b"):
-        cfg = get_preset(preset).vision
+        cfg = dataclasses.replace(get_preset(preset).vision, layout="per_tile")  # the uint8 table path's layout
         image = (rng.random((3 * cfg.crop_size // 2, 2 * cfg.crop_size, 3)) * 255).astype(np.uint8)
         image[:4] = 0  # the darkest and brightest levels go through the table too
         image[-4:] = 255

@@ -55,8 +55,9 @@ class MolmoConnector(nn.Module):
         n, _, c = features.shape
         p = patch_mask.shape[-1]
         mask = patch_mask.reshape(n, p * p, 1).to(features.dtype)
+        # Molmo's rule: 0 is all padding, any other value below 1 (a fraction, or Molmo's -1 rows) partial.
         all_pad = (mask == 0).to(features.dtype)
-        partial_pad = ((mask > 0) & (mask < 1)).to(features.dtype)
+        partial_pad = ((mask < 1) & (mask != 0)).to(features.dtype)
         features = features + all_pad * self.pad_embed[0] + partial_pad * self.pad_embed[1]
         # [n, P, P, C] -> windows of 2x2 in row-major order of the pooled grid
         grid = features.view(n, p // 2, 2, p // 2, 2, c).permute(0, 1, 3, 2, 4, 5)

@@ -4,6 +4,10 @@ The tier knob sets `max_crops`; the tiling rule (Molmo's `select_tiling`) picks 
 rows*cols <= max_crops that covers the image with the least upscaling, or failing that the least
 downscaling. Tiled crops overlap by `overlap_margin` patches on each side. Padding is tracked per
 patch so the connector can add Molmo's pad embeddings.
+
+A Molmo-layout config (`VisionConfig.layout == "molmo"`) follows Molmo's preprocessor exactly: float32
+bilinear resize with antialias and `int()` sizes, and its mask convention - view k carries the padding
+mask of view k + 1 (the global view gets the first tile's) and the last tile a row of -1.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from envs.vlm.errors import InputError
@@ -22,7 +28,7 @@ from envs.vlm.presets import VisionConfig
 @dataclass
 class Crops:
     pixels: np.ndarray  # [n, 3, S, S] float32, normalised; index 0 is the global view
-    patch_mask: np.ndarray  # [n, P, P] float32: fraction of each patch that is image, not padding
+    patch_mask: np.ndarray  # [n, P, P] float32: fraction of each patch that is image (Molmo layout: see above)
     tiling: tuple[int, int]  # (rows, cols) of tiled crops; (0, 0) for the global view only
     regions: np.ndarray  # [n, 4] float64: (top, left, bottom, right) each view covers, in source-image pixels
 
@@ -81,6 +87,27 @@ def resize_and_pad(img: Image.Image, height: int, width: int) -> tuple[np.ndarra
     return out, mask, np.array([h / img.height, w / img.width, top, left])
 
 
+def molmo_resize_and_pad(
+    img: Image.Image, height: int, width: int, mean, std
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Molmo's resize: [0, 1] float32 pixels resized bilinearly with antialias to `int()` sizes
+    computed in float32, clipped, centred on zeros, then normalised. Returns normalised HxWx3 float32
+    pixels, a 0/1 uint8 image mask and the placement (as `resize_and_pad`)."""
+    scale = min(np.float32(height) / np.float32(img.height), np.float32(width) / np.float32(img.width))
+    h, w = max(1, int(np.float32(img.height) * scale)), max(1, int(np.float32(img.width) * scale))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).to(torch.float32) / 255.0
+    if (h, w) != (img.height, img.width):
+        x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = x.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+    top, left = (height - h) // 2, (width - w) // 2
+    out = np.zeros((height, width, 3), dtype=np.float32)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    out[top : top + h, left : left + w] = x
+    mask[top : top + h, left : left + w] = 1
+    out = (out - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return out, mask, np.array([h / img.height, w / img.width, top, left])
+
+
 @functools.lru_cache(maxsize=8)
 def level_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """[3, 256] float32: each channel's normalised value of every uint8 level.
@@ -128,6 +155,8 @@ def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
     img = load_image(image)
     if img.width < 1 or img.height < 1:
         raise InputError("the image is empty")
+    if cfg.layout == "molmo":
+        return _molmo_crops(img, max_crops, cfg)
     size, patch = cfg.crop_size, cfg.patch_size
     pixels, mask, placement = resize_and_pad(img, size, size)
     views, regions = [(pixels, mask)], [_region(placement, 0, 0, size)]
@@ -149,3 +178,30 @@ def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
             np.take(table[c], view[:, :, c], out=pixels[v, c])
     covered = np.stack([v[1] for v in views]).reshape(n, p, patch, p, patch).sum(axis=(2, 4), dtype=np.int32)
     return Crops(pixels, covered.astype(np.float32) / np.float32(patch * patch), tiling, np.array(regions))
+
+
+def _molmo_crops(img: Image.Image, max_crops: int, cfg: VisionConfig) -> Crops:
+    """Molmo's views: the global view, then the tiles row by row; Molmo's masks (see module doc)."""
+    if max_crops < 1:
+        raise InputError(f"a Molmo-layout model needs max_crops >= 1, got {max_crops}")
+    size, patch, p = cfg.crop_size, cfg.patch_size, cfg.patches_per_side
+    glob, _, placement = molmo_resize_and_pad(img, size, size, cfg.mean, cfg.std)
+    views, regions = [glob], [_region(placement, 0, 0, size)]
+    rows, cols = tiling_for(img.height, img.width, max_crops, cfg)
+    margin = cfg.overlap_margin * patch
+    window = size - 2 * margin
+    big, big_mask, placement = molmo_resize_and_pad(
+        img, rows * window + 2 * margin, cols * window + 2 * margin, cfg.mean, cfg.std
+    )
+    masks = []
+    for i in range(rows):
+        for j in range(cols):
+            y, x = i * window, j * window
+            views.append(big[y : y + size, x : x + size])
+            masks.append(big_mask[y : y + size, x : x + size])
+            regions.append(_region(placement, y, x, size))
+    covered = np.stack(masks).reshape(len(masks), p, patch, p, patch).sum(axis=(2, 4), dtype=np.int32)
+    tile_masks = covered.astype(np.float32) / np.float32(patch * patch)
+    patch_mask = np.concatenate([tile_masks, np.full((1, p, p), -1.0, dtype=np.float32)])
+    pixels = np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))
+    return Crops(pixels, patch_mask, (rows, cols), np.array(regions))

@@ -21,10 +21,11 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig, OlmoeModel
 
 from envs.vlm.connector import MolmoConnector
-from envs.vlm.crops import Crops, crop_count, image_size, make_crops
+from envs.vlm.crops import Crops, image_size, make_crops, tiling_for
 from envs.vlm.decode import Generation, greedy_step
 from envs.vlm.errors import InputError, KnobError
 from envs.vlm.fast import FastPath
+from envs.vlm.layout import image_token_count, image_tokens
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS, VLMConfig
 from envs.vlm.ranking import BlockRanking
 from envs.vlm.staged import KVCache, attention_mask, run_layer
@@ -41,6 +42,9 @@ class Preprocessed:
     patch_positions: list[list[int]]  # index in token_ids of each image-patch token, crop by crop
     answer_lengths: list[int]  # teacher-forced answer tokens (+ <eos>) at the end of token_ids; 0 at serving
     text_lengths: list[int]  # prompt-text tokens ("User: ... Assistant:") before any answer tokens
+    # per request, the pooled token (view * tokens per view + index) each image-patch token carries;
+    # None: every pooled token in view order (the per-tile layout)
+    token_sources: list[list[int]] | None = None
 
     def pixels(self) -> torch.Tensor:
         """All crops of the batch, request by request: [total crops, 3, S, S]."""
@@ -58,7 +62,14 @@ class Preprocessed:
             [q for p in parts for q in p.patch_positions],
             [n for p in parts for n in p.answer_lengths],
             [n for p in parts for n in p.text_lengths],
+            None if all(p.token_sources is None for p in parts) else [s for p in parts for s in p.sources()],
         )
+
+    def sources(self) -> list[list[int]]:
+        """`token_sources`, filled in for the per-tile layout."""
+        if self.token_sources is not None:
+            return self.token_sources
+        return [list(range(len(p))) for p in self.patch_positions]
 
 
 @dataclass
@@ -103,20 +114,14 @@ def preprocess_requests(
     ids = tokenizer.ids
     if answers is not None and len(answers) != len(questions):
         raise InputError(f"need one answer per question, got {len(answers)} for {len(questions)}")
-    crops, token_ids, patch_positions, answer_lengths, text_lengths = [], [], [], [], []
-    side = cfg.vision.tokens_per_side
+    crops, token_ids, patch_positions, answer_lengths, text_lengths, sources = [], [], [], [], [], []
     for n, (image, question) in enumerate(zip(images, questions, strict=True)):
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
         c = make_crops(image, cfg.knobs.max_crops[tier], cfg.vision)
-        seq, pos = [ids["bos"]], []
-        for _ in range(c.n_crops):
-            seq.append(ids["im_start"])
-            for _ in range(side):
-                pos.extend(range(len(seq), len(seq) + side))
-                seq.extend([ids["im_patch"]] * side + [ids["im_col"]])
-            seq.append(ids["im_end"])
-        text = tokenizer.prompt_ids(question)
+        image_ids, offsets, src = image_tokens(c.tiling, c.n_crops, cfg.vision, ids)
+        seq, pos = [ids["bos"], *image_ids], [1 + o for o in offsets]
+        text = tokenizer.prompt_ids(question, cfg.always_start_with_space)
         seq.extend(text)
         text_lengths.append(len(text))
         if answers is not None:
@@ -130,7 +135,11 @@ def preprocess_requests(
         crops.append(c)
         token_ids.append(seq)
         patch_positions.append(pos)
-    return Preprocessed(tier, crops, token_ids, patch_positions, answer_lengths, text_lengths)
+        sources.append(src)
+    per_tile = cfg.vision.layout == "per_tile"
+    return Preprocessed(
+        tier, crops, token_ids, patch_positions, answer_lengths, text_lengths, None if per_tile else sources
+    )
 
 
 class KnobVLM(nn.Module):
@@ -226,11 +235,11 @@ class KnobVLM(nn.Module):
     def request_shapes(self, image, question: str) -> tuple[list[int], list[int]]:
         """Crops and prompt tokens (vision + text) of a request at every tier, from the image's size
         and the question's length alone: what `preprocess` would make, known before any pixel work."""
-        size, side = image_size(image), self.cfg.vision.tokens_per_side
-        n_text = len(self.tokenizer.prompt_ids(question))
-        crops = [crop_count(size, self.cfg.knobs.max_crops[t], self.cfg.vision) for t in TIERS]
-        # bos, then per crop: im_start, side rows of (side patches + im_col), im_end; then the text
-        return crops, [1 + c * (2 + side * (side + 1)) + n_text for c in crops]
+        size, v = image_size(image), self.cfg.vision
+        n_text = len(self.tokenizer.prompt_ids(question, self.cfg.always_start_with_space))
+        tilings = [tiling_for(size[0], size[1], self.cfg.knobs.max_crops[t], v) for t in TIERS]
+        # bos, the image-marker tokens of the layout, then the text
+        return [1 + r * c for r, c in tilings], [1 + image_token_count(t, v) + n_text for t in tilings]
 
     def encode_vision(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] -> [n, P*P, feature_width]: two ViT layers' patch features, concatenated.
@@ -260,22 +269,26 @@ class KnobVLM(nn.Module):
         b, t = len(pre.token_ids), max(len(s) for s in pre.token_ids)
         ids = torch.full((b, t), self.tokenizer.ids["pad"], dtype=torch.long, device=self.device)
         valid = torch.zeros(b, t, dtype=torch.bool, device=self.device)
-        rows, cols = [], []
-        for i, seq in enumerate(pre.token_ids):
+        rows, cols, picked = [], [], []
+        first_view, per_view = 0, tokens.shape[1]
+        for i, (seq, src) in enumerate(zip(pre.token_ids, pre.sources(), strict=True)):
             offset = t - len(seq)
             ids[i, offset:] = torch.tensor(seq, device=self.device)
             valid[i, offset:] = True
             rows += [i] * len(pre.patch_positions[i])
             cols += [offset + p for p in pre.patch_positions[i]]
+            picked += [first_view * per_view + s for s in src]
+            first_view += pre.crops[i].n_crops
         targets = None
         if any(pre.answer_lengths):
             targets = torch.full_like(ids, -100)
             for i, n in enumerate(pre.answer_lengths):
                 targets[i, t - n :] = ids[i, t - n :]
         embeds = self.llm.embed_tokens(ids)
+        flat = tokens.reshape(-1, tokens.shape[-1])  # per-tile layout: every pooled token, in order
         embeds = embeds.index_put(
             (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)),
-            tokens.reshape(-1, tokens.shape[-1]),
+            flat if pre.token_sources is None else flat[torch.tensor(picked, device=self.device)],
             accumulate=True,
         )
         return Prepared(

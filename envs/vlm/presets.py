@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 TIERS = ("low", "medium", "high")
+LAYOUTS = ("per_tile", "molmo")
+MOLMO_MAX_CROPS = {"low": 2, "medium": 6, "high": 12}  # tiers of a Molmo-layout model, by default
 FIRST_KNOBBED_LAYER = 3  # layers 0-2 always run at the trained top-k
 
 
@@ -25,6 +27,10 @@ class VisionConfig:
     overlap_margin: int = 4  # patches of overlap on each side of a tiled crop
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # "per_tile": every view its own block of pooled tokens, PIL resize (the tiny model's training layout).
+    # "molmo": Molmo's preprocessing - the global view, then all tiles stitched into one block with the
+    # overlap margins trimmed, its padding-mask convention and its float32 antialiased resize.
+    layout: str = "per_tile"
 
     @property
     def patches_per_side(self) -> int:
@@ -77,6 +83,7 @@ class VLMConfig:
     llm: LLMConfig
     knobs: KnobValues
     max_new_tokens: int = 8
+    always_start_with_space: bool = False  # Molmo's prompt: " User: {question} Assistant:"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +100,7 @@ class VLMConfig:
             llm=LLMConfig(**d["llm"]),
             knobs=KnobValues(**tuples(d["knobs"])),
             max_new_tokens=d.get("max_new_tokens", 8),
+            always_start_with_space=d.get("always_start_with_space", False),
         )
 
     def knob_lists(self) -> dict[str, list]:
@@ -115,11 +123,29 @@ class VLMConfig:
             raise ValueError(f"{self.name}: max_crops must name exactly the tiers {TIERS}")
         if self.vision.patches_per_side % 2:
             raise ValueError(f"{self.name}: 2x2 pooling needs an even number of patches per side")
+        if self.vision.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: vision.layout must be one of {LAYOUTS}, got {self.vision.layout!r}")
+        if self.vision.layout == "molmo":
+            if min(self.knobs.max_crops.values()) < 1:
+                raise ValueError(
+                    f"{self.name}: Molmo-layout tiers are max-crops values >= 1, got {self.knobs.max_crops}"
+                )
+            m = self.vision.overlap_margin
+            if m % 2 or self.vision.patches_per_side <= 2 * m:
+                raise ValueError(f"{self.name}: the Molmo layout needs an even overlap margin below half a crop")
 
 
 def molmoe_1b() -> VLMConfig:
-    """MolmoE-1B's shapes (7,221,875,712 parameters)."""
-    return VLMConfig("molmoe-1b", VisionConfig(), ConnectorConfig(), LLMConfig(), KnobValues())
+    """MolmoE-1B's shapes (7,221,875,712 parameters) and preprocessing: Molmo's token layout and
+    prompt, tiers as max-crops values."""
+    return VLMConfig(
+        "molmoe-1b",
+        VisionConfig(layout="molmo"),
+        ConnectorConfig(),
+        LLMConfig(),
+        KnobValues(max_crops=dict(MOLMO_MAX_CROPS)),
+        always_start_with_space=True,
+    )
 
 
 def tiny() -> VLMConfig:

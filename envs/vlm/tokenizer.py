@@ -83,9 +83,10 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Molmo's chat format: 'User: {question} Assistant:'."""
-        return self.encode(f"User: {question} Assistant:")
+    def prompt_ids(self, question: str, start_with_space: bool = False) -> list[int]:
+        """Molmo's chat format: 'User: {question} Assistant:', led by a space where the model's config
+        sets `always_start_with_space` (Molmo's does: its first token is then 'ĠUser')."""
+        return self.encode(f"{' ' if start_with_space else ''}User: {question} Assistant:")
 
     def save(self, path: Path) -> None:
         self.tokenizer.save(str(path))
