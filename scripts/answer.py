@@ -18,7 +18,7 @@ import warnings
 from agents.serving import load_server
 from envs.budgets import BudgetError
 from envs.latency import timed_answer
-from envs.vlm.checkpoint import load_model
+from envs.vlm.checkpoint import load_model, model_config
 from envs.vlm.errors import CheckpointError, InputError, KnobError
 
 
@@ -47,14 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy is not None:
         return _serve(ap, args)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if args.list_knobs else "default")
-            model = load_model(args.model)
-        if args.list_knobs:
-            knobs = model.cfg.knob_lists()
-            print(json.dumps({"tier": knobs["tier"], "max_crops": dict(model.cfg.knobs.max_crops),
+        if args.list_knobs:  # from the config alone: no weights are loaded
+            cfg = model_config(args.model)
+            knobs = cfg.knob_lists()
+            print(json.dumps({"tier": knobs["tier"], "max_crops": dict(cfg.knobs.max_crops),
                               "top_k": knobs["top_k"], "blocks": knobs["blocks"]}))  # fmt: skip
             return 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            model = load_model(args.model)
         if args.image is None or args.question is None:
             ap.error("--image and --question are required (or --list-knobs)")
         top_k = args.top_k if args.top_k is not None else max(model.cfg.knobs.top_k)

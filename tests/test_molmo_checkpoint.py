@@ -291,3 +291,5 @@ def test_converted_checkpoint_first_token_logits_match_the_reference(tiny_molmo,
     knobs = json.loads(capsys.readouterr().out)
     assert knobs == {"tier": ["low", "medium", "high"], "max_crops": {"low": 2, "medium": 6, "high": 12},
                      "top_k": [1, 2], "blocks": [1]}  # fmt: skip
+    assert answer_main(["--model", "molmoe-1b", "--list-knobs"]) == 0  # from the config: no 7B model is built
+    assert json.loads(capsys.readouterr().out)["max_crops"] == {"low": 2, "medium": 6, "high": 12}

@@ -82,11 +82,7 @@ def load_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     for name in (CONFIG, WEIGHTS, TOKENIZER, RANKING):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} is missing {name}")
-    try:
-        cfg = VLMConfig.from_dict(json.loads((path / CONFIG).read_text()))
-        cfg.validate()
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / CONFIG} is not a valid model config: {e}") from None
+    cfg = _read_config(path)
     tokenizer = TextTokenizer.load(path / TOKENIZER)
     ranking = BlockRanking.load(path / RANKING, cfg.llm.layers)
     with torch.device("meta"):
@@ -96,6 +92,26 @@ def load_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     model.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, assign=True)
     _rebuild_buffers(model)
     return model.to(device).eval()
+
+
+def _read_config(path: Path) -> VLMConfig:
+    try:
+        cfg = VLMConfig.from_dict(json.loads((path / CONFIG).read_text()))
+        cfg.validate()
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG} is not a valid model config: {e}") from None
+    return cfg
+
+
+def model_config(spec: str | Path) -> VLMConfig:
+    """The config `load_model(spec)` would use, without building the model (knob lists of a 7B model)."""
+    if str(spec) in PRESETS:
+        shipped = EMBEDDED / str(spec) / CONFIG
+        return _read_config(shipped.parent) if shipped.is_file() else get_preset(str(spec))
+    path = Path(spec)
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path} is not a model directory (no {CONFIG})")
+    return _read_config(path)
 
 
 def _rebuild_buffers(model: KnobVLM) -> None:
