@@ -129,8 +129,9 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def full_tier_image(crop_size: int = 64) -> np.ndarray:
-    """A noise image whose tiers reach 1 / 5 / 13 views: 1008 x 1344 px at a 336 px crop (MolmoE-1B's
-    high tier then has its largest prompt). Sizes scale with the crop size."""
+    """A noise image whose tiers reach 1 / 5 / 13 views at max-crops 0 / 4 / 12 (3 / 7 / 13 at a
+    Molmo-layout model's 2 / 6 / 12): 1008 x 1344 px at a 336 px crop (MolmoE-1B's high tier then has
+    its largest prompt). Sizes scale with the crop size."""
     h, w = 1008 * crop_size // 336, 1344 * crop_size // 336
     return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
 

@@ -251,6 +251,10 @@ def test_molmo_prompt_starts_with_a_space_and_request_shapes_follow_the_layout(t
             pre = preprocess_requests(cfg, tok, [image], ["what colour is the circle?"], tier)
             assert (pre.crops[0].n_crops, len(pre.token_ids[0])) == (crops[n], tokens[n])
             assert pre.token_ids[0][len(pre.token_ids[0]) - pre.text_lengths[0]] == first
+            marks, _, _ = molmo_layout(
+                pre.crops[0].tiling, cfg.vision.tokens_per_side, cfg.vision.overlap_margin, tok.ids
+            )
+            assert tokens[n] == 1 + len(marks) + len(tok.encode(" User: what colour is the circle? Assistant:"))
 
 
 # ---------------------------------------------------------------- answers against the reference
