@@ -311,6 +311,7 @@ def convert_checkpoint(
         model = KnobVLM(cfg, tokenizer)
     state = convert_molmo_state_dict(read_checkpoint(src), cfg)
     check_state_dict(model, state, str(src))
-    model.load_state_dict({k: t.to(dtype, copy=True) for k, t in state.items()}, assign=True)
+    # no forced copies: a 7B checkpoint's source and converted tensors share memory where they can
+    model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, assign=True)
     _rebuild_buffers(model)
     return save_model(model, out)
