@@ -11,12 +11,74 @@ VARIANTS = {"two_stage": ("budget", "prompt", "router"), "single_stage": ("mlp",
 ENCODERS = ("vlm", "light")
 
 
+HELP = {  # --help of the fields without their own metadata help
+    "policy": "the controller: two_stage (tier from the budget, then top_k and blocks) or single_stage",
+    "variant": "two_stage: budget | prompt | router (what stage 1 reads); single_stage: mlp | transformer",
+    "encoder": "single_stage's global view: vlm (the VLM's own encoder) or light (a distilled one)",
+    "model": "a preset name (its embedded assets) or a model directory (see --assets for your own data)",
+    "out": "the run directory (default runs/ppo_POLICY_VARIANT[_quick])",
+    "quick": "a smoke run: fewer episodes and steps, the first 200 validation and 400 test requests",
+    "train_budgets": "the budget distribution of training episodes (uniform, log_uniform, tight, loose, bimodal, "
+    "trace:FILE)",
+    "eval_budgets": "comma-separated budget distributions the test split is evaluated under",
+    "penalty": "the reward's penalty for a violated budget: indicator or relative",
+    "penalty_weight": "the penalty's weight",
+    "oracle": "behaviour cloning's labels: expected (scores over similar requests) or sample (the request's own)",
+    "oracle_shrink": "expected scores moved this far from each config's overall mean (1: pure k-NN)",
+    "bc_episodes": "oracle demonstrations for behaviour cloning",
+    "bc_epochs": "behaviour-cloning epochs",
+    "ppo_steps": "MaskablePPO fine-tuning steps",
+    "select_every": "PPO steps between validation checks (0: keep the last parameters)",
+    "select_episodes": "validation episodes per budget distribution and check",
+    "select_alpha": "chance that some check without a real gain replaces the behaviour-cloned start",
+    "n_envs": "parallel training environments",
+    "eval_episodes": "test episodes per budget distribution",
+    "learning_rate": "MaskablePPO's learning rate",
+    "n_steps": "rollout steps per environment and update",
+    "batch_size": "MaskablePPO's minibatch size",
+    "n_epochs": "MaskablePPO's epochs per update",
+    "gamma": "discount (1: an episode is one request, one or two decisions)",
+    "ent_coef": "MaskablePPO's entropy bonus",
+    "guard": "the budget guard (envs/guard.py) serves requests no config fits once the controller has run",
+    "repair": "with the guard: replace a chosen config that does not fit by the best one that does",
+    "seed": "the run's seed",
+}
+
+
 @dataclass
 class Args:
     policy: str = "two_stage"
     variant: str | None = None  # two_stage: budget | prompt | router; single_stage: mlp | transformer
     encoder: str = "vlm"  # single_stage's global view: the VLM's own encoder, or a distilled light one
     model: str = "tiny"  # a preset name (its embedded assets) or a model directory
+    assets: Path | None = field(default=None, metadata={"help": (
+        "an assets directory (scripts/prepare_assets.py --out): its model, latency profile and outcome tables; "
+        "replaces --model")})  # fmt: skip
+    profile: str | None = field(default=None, metadata={"help": (
+        "the latency profile: a file, or a name the assets' manifest gives (cpu, cuda-...); default the "
+        "manifest's default profile")})  # fmt: skip
+    tables: Path | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "a directory of outcome tables (build_outcomes' layout: SPLIT/table.npz) instead of the assets' own"
+            )
+        },
+    )
+    allow_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": ("warn about, rather than refuse, tables answered by other weights or timed with another profile")
+        },
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "torch CPU threads (default 1, or $KNOB_RL_THREADS): one holds up when other processes load the cores"
+            )
+        },
+    )
     out: Path = Path("runs/ppo")
     quick: bool = False  # a smoke run: fewer episodes and steps, the first validation and test requests
     train_budgets: str = "log_uniform"
@@ -67,6 +129,8 @@ class Args:
             value = getattr(self, name)
             if value is not None and not value >= 0.0:
                 raise ValueError(f"{name} must be >= 0 ms, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.guard_ms is not None and self.controller_ms is None:
             raise ValueError("guard_ms pins the guard's time only beside a pinned controller_ms")
         if self.quick:

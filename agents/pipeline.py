@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch.utils.tensorboard import SummaryWriter
 
+from agents import provenance
 from agents.args import Args
 from agents.distillation import use_light_encoder
 from agents.episode_logger import EpisodeLogger
@@ -27,18 +29,27 @@ from agents.imitation import behaviour_clone, collect
 from agents.overhead import controller_cost, pinned_cost
 from agents.report import write_report
 from agents.selection import KeepBestOnValidation, gain_threshold
+from agents.serving import load_policy
 from envs.assets import Assets
 from envs.budgets import Penalty, parse_distribution
 from envs.guard import BudgetGuard
+from envs.threads import use_threads
+from envs.vlm.presets import PRESETS
 from policies.networks import SemanticRouter, set_guard
 from policies.sb3 import POLICIES
 
 ROUTES = 8  # the router variant's prompt clusters
 
 
+def stored_model(spec: str) -> str:
+    """The model as a policy's kwargs keep it: a preset name, or a path relative to here (never absolute;
+    the zip's own record, agents/provenance.py, finds it again from the policy's folder)."""
+    return spec if spec in PRESETS else os.path.relpath(spec)
+
+
 def policy_kwargs(args: Args, assets: Assets) -> dict:
     """The policy network's options: its VLM and the variant of its first stage (two-stage) or fusion."""
-    kwargs = {"vlm": args.model}
+    kwargs = {"vlm": stored_model(assets.model)}
     if args.policy == "single_stage":
         return kwargs | {"fusion": args.variant}
     kwargs["stage1"] = args.variant
@@ -51,12 +62,13 @@ def run(args: Args) -> Path:
     """Train and evaluate one controller as `args` say; writes the policies, eval.json/.md/.png and
     TensorBoard logs under `args.out` and returns it."""
     t0 = time.time()
+    use_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
 
     # assets and the training environments (the run's own Assets: a light encoder changes its features)
-    assets = Assets(args.model, quick=args.quick)
+    assets = Assets(args.assets or args.model, args.quick, args.profile, args.tables, args.allow_mismatch)
     light_encoder_error = None
     if args.policy == "single_stage" and args.encoder == "light":
         light_encoder_error = use_light_encoder(assets, args.seed)
@@ -95,7 +107,9 @@ def run(args: Args) -> Path:
     writer = SummaryWriter(str(args.out / "tb" / "bc"))
     history = behaviour_clone(model.policy, demos, args.bc_epochs, seed=args.seed, log=writer.add_scalar)
     writer.close()
-    model.save(args.out / "policy_bc.zip")
+    rec = provenance.record(assets, args.out, controller_ms, guard.ms if guard else None)
+    model.save(args.out / "policy_bc.zip", exclude=["tensorboard_log"])  # no absolute path in a policy
+    provenance.attach(args.out / "policy_bc.zip", rec)
     print(f"behaviour cloning: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs")
 
     # PPO fine-tuning, keeping the best parameters on the validation split
@@ -113,17 +127,18 @@ def run(args: Args) -> Path:
     model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
     if keep is not None:
         print(f"kept the parameters of PPO step {keep.best_step} (validation reward {keep.best:.3f})")
-    model.save(args.out / "policy.zip")
+    model.save(args.out / "policy.zip", exclude=["tensorboard_log"])
+    provenance.attach(args.out / "policy.zip", rec)
 
     # evaluation on the test split, and the report
-    bc = MaskablePPO.load(args.out / "policy_bc.zip")
+    bc = load_policy(args.out / "policy_bc.zip")[0]
     results = evaluate_all(assets, args.policy, args.eval_budgets, {"ppo": model, "bc_only": bc}, penalty,
                            controller_ms, args.eval_episodes, args.seed + 10_000, guard=guard)  # fmt: skip
     meta = {"policy": args.policy, "variant": args.variant, "controller_ms": controller_ms, "controller": controller,
             "guard_ms": guard.ms if guard else None, "repair": bool(guard and guard.repair),
             "global_view": {"encoder": args.encoder, "ms": assets.global_ms, "reused_at_low_tier": assets.reuse_low,
                             "distillation_relative_error": light_encoder_error},
-            "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60,
+            "full_config_ms": assets.full_ms, "minutes": (time.time() - t0) / 60, "assets": rec,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "bc_loss": history, "test_samples": len(assets.test),
             "selection": None if keep is None else {"history": keep.history, "kept_step": keep.best_step,

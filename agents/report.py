@@ -25,11 +25,38 @@ def _alpha(sel: dict) -> str:
     )
 
 
+def _duration(minutes: float) -> str:
+    return f"{minutes:.1f} min" if minutes >= 1 else f"{minutes * 60:.1f} s"
+
+
+def _dataset(spec: dict) -> str:
+    if spec.get("kind") == "synthvqa":
+        return f"SynthVQA seed {spec['seed']}, {spec['n']} requests"
+    return f"{spec.get('kind')} {Path(str(spec.get('path', ''))).name}"
+
+
+def _sources(meta: dict) -> str:
+    """Which assets, profile and tables a run used (an evaluation's `table`, a training run's `assets` record)."""
+    if isinstance(meta.get("table"), dict):
+        p, t = meta["profile"], meta["table"]
+        return (f"{meta.get('split', 'test')} table {t['file']} ({t['requests']} requests; {_dataset(t['dataset'])}; "
+                f"content {t['content']}); latency profile {p['name']} ({p['device']}, {p['date']})")  # fmt: skip
+    rec = meta.get("assets")
+    if isinstance(rec, dict):
+        tables = ", ".join(f"{s} {t['file']} ({t['content']})" for s, t in rec["tables"].items())
+        return (f"assets {rec['assets']} (model {rec['model']['path']}, weights {rec['model']['weights']}); latency "
+                f"profile {rec['profile']['name']} ({rec['profile']['device']}); tables: {tables}")  # fmt: skip
+    return ""
+
+
 def markdown(meta: dict, results: dict) -> str:
     lines = [f"# {meta['policy']} ({meta['variant']})", "",
              f"controller overhead {meta['controller_ms']:.2f} ms; full-config latency "
-             f"{meta['full_config_ms']:.1f} ms; run {meta['minutes']:.1f} min; peak memory "
+             f"{meta['full_config_ms']:.1f} ms; run {_duration(meta['minutes'])}; peak memory "
              f"{meta['peak_memory_mb']:.0f} MB", ""]  # fmt: skip
+    source = _sources(meta)
+    if source:
+        lines[2:2] = [source, ""]
     sel = meta.get("selection")
     if sel:
         checks = ", ".join(f"{step}: {r:.3f}{'' if ok else '*'}" for step, r, ok in sel["history"])

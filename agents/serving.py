@@ -19,6 +19,7 @@ import functools
 import json
 import statistics
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
 
+from agents import provenance
+from envs.asset_manifest import AssetsError, latency_hash, threads_of
 from envs.assets import profile_path, read_profile
 from envs.budgets import budget_features, check_budget
 from envs.features import prompt_embedding, stage2_sees, summarise
@@ -46,6 +49,8 @@ class Served:
     config: Config
     parts_ms: dict[str, float]  # controller (stage 1, budget token embedding, heads) and the VLM's parts
     total_ms: float  # end to end
+    predicted_ms: float | None = None  # the profile's latency for the served config, with the controller's time
+    chosen_by: str = "policy"  # "policy", "guard" (no config fit: its fallback served) or "repair" (guard's fix)
 
 
 class _Server:
@@ -92,7 +97,13 @@ class _Server:
         with torch.no_grad():
             _, _, state = timed_prefix(vlm, image, question, config.tier, timer)
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
-        return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3)
+        return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3, chosen_by="guard")
+
+    def predicted(self, image, question: str, config: Config) -> float:
+        """The profile's latency (ms) of `config` for this request, with the controller's time."""
+        tier, ki, bi = TIERS.index(config.tier), self.knobs["top_k"].index(config.top_k), \
+            self.knobs["blocks"].index(config.blocks)  # fmt: skip
+        return float(self.predict(image, question)[1][self.space.config_index(tier, ki, bi)])
 
 
 class TwoStageServer(_Server):
@@ -124,11 +135,14 @@ class TwoStageServer(_Server):
     def choose_knobs(self, side_state: torch.Tensor, room: np.ndarray, tier: int) -> tuple[int, int]:
         """Stage 2: top_k and blocks, repaired by the guard within the tier if they do not fit."""
         ki, bi = self.heads.knobs(side_state[0].float().cpu().numpy(), room)
+        self.last_repaired = False
         if self.guard is None:
             return ki, bi
         allowed = self.space.tier_configs(tier)  # room: the tier's headroom, then its fits
         headroom = room[: allowed.stop - allowed.start]
-        repaired = self.guard.repaired(self.space.config_index(tier, ki, bi), headroom, allowed.start)
+        chosen = self.space.config_index(tier, ki, bi)
+        repaired = self.guard.repaired(chosen, headroom, allowed.start)
+        self.last_repaired = repaired != chosen
         _, ki, bi = self.space.config_knobs(repaired)
         return ki, bi
 
@@ -153,7 +167,8 @@ class TwoStageServer(_Server):
             config = Config(TIERS[tier], self.knobs["top_k"][ki], self.knobs["blocks"][bi])
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
         total = (time.perf_counter() - t0) * 1e3
-        return Served(gen.answers[0], config, dict(timer.ms), total)
+        return Served(gen.answers[0], config, dict(timer.ms), total,
+                      chosen_by="repair" if self.last_repaired else "policy")  # fmt: skip
 
 
 class SingleStageServer(_Server):
@@ -179,9 +194,12 @@ class SingleStageServer(_Server):
             with torch.inference_mode():
                 logits = self.net({k: torch.as_tensor(v)[None] for k, v in obs.items()})[0][0].numpy()
         tier, ki, bi = (int(part.argmax()) for part in self.space.split(logits))
+        self.last_repaired = False
         if self.guard is not None:  # repaired if it does not fit
-            tier, ki, bi = self.space.config_knobs(self.guard.repaired(self.space.config_index(tier, ki, bi),
-                                                                       obs["headroom"]))  # fmt: skip
+            chosen = self.space.config_index(tier, ki, bi)
+            repaired = self.guard.repaired(chosen, obs["headroom"])
+            self.last_repaired = repaired != chosen
+            tier, ki, bi = self.space.config_knobs(repaired)
         return tier, ki, bi
 
     def serve(self, image, question: str, budget_ms: float) -> Served:
@@ -208,7 +226,8 @@ class SingleStageServer(_Server):
             with timer.stage("prefill"):
                 state = vlm.prefix(prepared)
             gen = vlm.generate(state, vlm.layers_for(config.blocks), config.top_k, timer=timer)
-        return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3)
+        return Served(gen.answers[0], config, dict(timer.ms), (time.perf_counter() - t0) * 1e3,
+                      chosen_by="repair" if self.last_repaired else "policy")  # fmt: skip
 
 
 def _guard_ms(server: _Server, sample, budget_ms: float) -> float:
@@ -260,14 +279,26 @@ def single_stage_overhead_ms(
 
 
 def load_policy(path: Path):
-    """A saved knob-rl policy (MaskablePPO) and its kind, "two_stage" or "single_stage"."""
+    """A saved knob-rl policy (MaskablePPO) and its kind, "two_stage" or "single_stage". A policy that records
+    its assets (agents/provenance.py) is rebuilt over its model found again relative to the zip."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy file not found: {path}")
     try:
-        model = MaskablePPO.load(path, device="cpu")
+        rec = provenance.read(path)
+        custom = None
+        if rec is not None:
+            from stable_baselines3.common.save_util import json_to_data
+
+            with zipfile.ZipFile(path) as z:
+                kwargs = json_to_data(z.read("data").decode())["policy_kwargs"]
+            custom = {"policy_kwargs": {**kwargs, "vlm": provenance.model_of(path, rec)}}
+        model = MaskablePPO.load(path, device="cpu", custom_objects=custom)
+    except (FileNotFoundError, AssetsError):
+        raise
     except Exception as e:  # a zip that is not an SB3 save, or one of a class we do not know
         raise ValueError(f"{path} is not a saved knob-rl policy: {e}") from None
+    model.provenance = rec
     if isinstance(model.policy, TwoStagePolicy):
         return model, "two_stage"
     if isinstance(model.policy, SingleStagePolicy):
@@ -275,20 +306,42 @@ def load_policy(path: Path):
     raise ValueError(f"{path} holds a {type(model.policy).__name__}, not a knob-rl policy")
 
 
-def load_server(path: Path):
-    """The server for a saved policy, over the VLM it was trained for and that model's latency profile."""
+def load_server(path: Path, profile: str | Path | None = None):
+    """The server for a saved policy, over the VLM it was trained for and the latency profile it was trained
+    with (recorded in the zip; else its model's default profile), or `profile` (a file, or a name in the
+    policy's assets directory) if given. The server's `profile` attribute says which, and `threads` the CPU
+    threads that profile was measured with (None if unrecorded)."""
     model, kind = load_policy(path)
     run_args = Path(path).parent / "args.json"
     if kind == "single_stage" and run_args.is_file() and json.loads(run_args.read_text()).get("encoder") == "light":
         raise ValueError(f"{path} decides on a distilled light encoder's features, which its run does not save; "
                          "serve a policy trained with --encoder vlm")  # fmt: skip
-    profile = profile_path(model.policy.vlm)
-    if not profile.is_file():
-        raise FileNotFoundError(f"{profile} is missing: budgets are read against it and configs' latency predicted")
-    latency_model, full_ms = read_profile(profile)
+    rec = model.provenance
+    if profile is not None and Path(profile).is_file():
+        profile_file = Path(profile)
+    elif profile is not None:
+        profile_file = profile_path(provenance.resolve(path, rec["assets"]) if rec else model.policy.vlm, profile)
+    elif rec is not None:
+        profile_file = Path(provenance.in_assets(path, rec, rec["profile"]["file"]))
+    else:
+        profile_file = profile_path(model.policy.vlm)
+    if not profile_file.is_file():
+        raise FileNotFoundError(f"{profile_file} is missing: budgets are read against it and configs' latency "
+                                "predicted")  # fmt: skip
+    latency_model, full_ms = read_profile(profile_file)
     vlm = load_model(model.policy.vlm)
     cls = TwoStageServer if kind == "two_stage" else SingleStageServer
-    return cls(model.policy.mlp_extractor.net, vlm, full_ms, latency_model)
+    server = cls(model.policy.mlp_extractor.net, vlm, full_ms, latency_model)
+    profile_data = json.loads(profile_file.read_text())
+    meta = profile_data.get("meta", {})
+    server.profile = {
+        "file": str(profile_file),
+        "device": meta.get("device"),
+        "date": meta.get("date"),
+        "as_trained": rec is None or latency_hash(profile_data["model"]) == rec["profile"]["latency"],
+    }
+    server.threads = threads_of(meta)
+    return server
 
 
 def _in_profile_units(cost: dict, vlm_ms: list[float], profile_ms: list[float]) -> dict:

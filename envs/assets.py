@@ -1,23 +1,34 @@
 """A model's assets for the environments: the VLM, its latency profile and its outcome tables.
 
-A model directory (the embedded one of a preset name, or any path) holds the weights, a latency
-profile (`latency_cpu.json`: the latency model and the full config's reference latency) and
-`outcomes/{train,val,test}.npz`. `Assets` loads the model and profile, and turns a split into a
-replay backend the first time it is asked for; `load_assets` caches that per model, so many
-environments of one model share one load.
+An assets directory (the embedded one of a preset name, a model directory, or a folder that
+scripts/prepare_assets.py wrote) names its model, latency profiles and outcome tables in `assets.json`
+(envs/asset_manifest.py; an older directory's `latency_cpu.json` and `outcomes/{train,val,test}.npz`
+read as such a manifest). `Assets` loads the model and one profile, refuses tables of other weights or
+timed with another profile, and turns a split into a replay backend the first time it is asked for;
+`load_assets` caches that per model, so many environments of one model share one load.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import warnings
 from pathlib import Path
 
+from envs.asset_manifest import (
+    AssetsError,
+    check_profile,
+    check_table,
+    latency_hash,
+    read_manifest,
+    read_profile_file,
+    resolve_profile,
+)
 from envs.knob_env import LiveBackend, make_env, replay_backend
 from envs.latency import LatencyModel
 from envs.outcomes import OutcomeTable, dataset_samples
-from envs.vlm.checkpoint import EMBEDDED, load_model
+from envs.vlm.checkpoint import EMBEDDED, load_model, weights_digest
 from envs.vlm.presets import PRESETS
 
 PROFILE = "latency_cpu.json"
@@ -31,14 +42,27 @@ def assets_dir(model: str | Path) -> Path:
 
 
 def profile_path(model: str | Path, profile: str | Path | None = None) -> Path:
-    """A latency profile's file: `profile` itself if it is a file, else `<profile>.json` (or `<profile>`, if it
-    ends in .json) in the model's directory; by default the model's `latency_cpu.json`."""
-    if profile is None:
-        return assets_dir(model) / PROFILE
-    if Path(profile).is_file():
-        return Path(profile)
-    name = str(profile) if str(profile).endswith(".json") else f"{profile}.json"
-    return assets_dir(model) / name
+    """A latency profile's file: `profile` itself if it is a file, else a profile the model's manifest names
+    (or `<profile>.json` in its directory); by default the manifest's default profile (`latency_cpu.json`)."""
+    root = assets_dir(model)
+    return resolve_profile(root, read_manifest(root), profile)[1]
+
+
+def model_spec(root: Path, manifest: dict, given: str | Path) -> str:
+    """What `load_model` reads for an assets directory: `given` itself when the manifest's model is the
+    directory ("."), a preset name, or the manifest's relative path resolved against the directory."""
+    path = str(manifest["model"].get("path", "."))
+    if path == ".":
+        return str(given)
+    if path in PRESETS:
+        return path
+    return os.path.normpath(root / path)
+
+
+def table_file(tables: Path, split: str) -> Path:
+    """A split's packed table under a --tables directory: build_outcomes' `<split>/table.npz`, or `<split>.npz`."""
+    nested = tables / split / "table.npz"
+    return nested if nested.is_file() or not (tables / f"{split}.npz").is_file() else tables / f"{split}.npz"
 
 
 def read_profile(path: Path) -> tuple[LatencyModel, float]:
@@ -56,20 +80,41 @@ class Assets:
     validation table), built on first access: features of a split are computed once and cached on disk.
     """
 
-    def __init__(self, model: str | Path = "tiny", quick: bool = False, profile: str | Path | None = None):
-        """`model`: a preset name (its embedded assets) or a model directory. `quick`: only the first 200
-        validation and 400 test requests. `profile`: the latency profile, a path or a name in the model's
-        directory (default `latency_cpu.json`)."""
-        self.root, self.quick = assets_dir(model), quick
+    def __init__(self, model: str | Path = "tiny", quick: bool = False, profile: str | Path | None = None,
+                 tables: str | Path | None = None, allow_mismatch: bool = False):  # fmt: skip
+        """`model`: a preset name (its embedded assets), a model directory or an assets directory. `quick`: only
+        the first 200 validation and 400 test requests. `profile`: the latency profile, a file or a name the
+        manifest gives (default: its `default_profile`). `tables`: a directory of outcome tables
+        (`<split>/table.npz` as build_outcomes writes them, or `<split>.npz`) instead of the manifest's.
+        `allow_mismatch`: warn about, rather than refuse, tables of other weights or another profile."""
+        self.root, self.quick, self.allow_mismatch = assets_dir(model), quick, allow_mismatch
         if not self.root.is_dir():
             raise FileNotFoundError(f"unknown model {str(model)!r}: neither a preset {list(PRESETS)} nor a directory")
+        self.manifest = read_manifest(self.root)
+        self.tables = None if tables is None else Path(tables)
+        if self.tables is not None and not self.tables.is_dir():
+            raise FileNotFoundError(f"tables directory not found: {self.tables}")
         for split in ("train", "test"):
             if not self.table_path(split).is_file():
                 raise FileNotFoundError(f"{self.table_path(split)} is missing; see README (build_outcomes)")
-        self.latency_model, self.full_ms = read_profile(profile_path(model, profile))
+        self.model = model_spec(self.root, self.manifest, model)
+        self.weights = weights_digest(self.model)
+        recorded = self.manifest["model"].get("weights")
+        if recorded not in (None, self.weights):
+            message = (f"{self.root}: the model's weights ({self.weights}) are not those its assets were prepared "
+                       f"for ({recorded}); prepare them again (scripts/prepare_assets.py)")  # fmt: skip
+            if not allow_mismatch:
+                raise AssetsError(message)
+            warnings.warn(message, stacklevel=2)
+        self.profile_name, self.profile_file = resolve_profile(self.root, self.manifest, profile)
+        profile_data = read_profile_file(self.profile_file)
+        self.latency_model = LatencyModel.from_dict(profile_data["model"])
+        self.full_ms = float(profile_data["reference_full_ms"])
+        self.profile_meta, self.latency_hash = profile_data.get("meta", {}), latency_hash(profile_data["model"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.vlm = load_model(str(model))
+            self.vlm = load_model(self.model)
+        check_profile(profile_data, self.vlm.cfg, str(self.profile_file))
         # the global crop's vision work: what a single-stage controller pays before it decides
         self.global_ms = sum(a + b for a, b in self.latency_model.per_crop.values())
         self.reuse_low = True  # the low tier reuses the VLM's own global-crop features
@@ -77,7 +122,17 @@ class Assets:
     def table_path(self, split: str) -> Path:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-        return self.root / "outcomes" / f"{split}.npz"
+        if self.tables is not None:
+            return table_file(self.tables, split)
+        entry = self.manifest["tables"].get(split)
+        return self.root / (entry["file"] if entry else f"outcomes/{split}.npz")
+
+    def check_table(self, split: str) -> dict:
+        """The split's table meta, refused (or warned about) if of other weights or another profile."""
+        path = self.table_path(split)
+        meta = OutcomeTable.load(path).meta
+        check_table(meta, str(path), self.weights, self.latency_hash, self.profile_name, self.allow_mismatch)
+        return meta
 
     def has_split(self, split: str) -> bool:
         return self.table_path(split).is_file()
@@ -90,6 +145,7 @@ class Assets:
         """A replay backend over one split's outcome table (built anew; see `train`, `val`, `test`)."""
         if not self.has_split(split):
             raise FileNotFoundError(f"{self.table_path(split)} is missing; see README (build_outcomes)")
+        self.check_table(split)
         return replay_backend(self.vlm, self.table_path(split), self.latency_model, first=self.first(split))
 
     def live(self, split: str, measure: bool = False) -> LiveBackend:
@@ -98,6 +154,9 @@ class Assets:
         if not self.has_split(split):
             raise FileNotFoundError(f"{self.table_path(split)} is missing; see README (build_outcomes)")
         meta = OutcomeTable.load(self.table_path(split)).meta["dataset"]
+        entry = self.manifest["tables"].get(split, {}) if self.tables is None else {}
+        if meta.get("kind") == "manifest" and not Path(meta["path"]).is_file() and "manifest" in entry:
+            meta = {**meta, "path": str(self.root / entry["manifest"])}  # an assets directory that moved
         return LiveBackend(self.vlm, dataset_samples(meta, 0, self.first(split)), self.latency_model, measure)
 
     @functools.cached_property
@@ -127,15 +186,18 @@ class Assets:
                         self.global_ms, self.reuse_low, guard, skip_guarded)  # fmt: skip
 
 
-def load_assets(model: str | Path = "tiny", quick: bool = False, profile: str | Path | None = None) -> Assets:
-    """`Assets(model, quick, profile)`, loaded once per process: environments of one model share it. Treat the
-    result as read-only (a run that changes features, e.g. for a light encoder, builds its own `Assets`)."""
-    return _cached_assets(str(model), bool(quick), None if profile is None else str(profile))
+def load_assets(model: str | Path = "tiny", quick: bool = False, profile: str | Path | None = None,
+                tables: str | Path | None = None, allow_mismatch: bool = False) -> Assets:  # fmt: skip
+    """`Assets(model, quick, profile, tables, allow_mismatch)`, loaded once per process: environments of one
+    model share it. Treat the result as read-only (a run that changes features, e.g. for a light encoder,
+    builds its own `Assets`)."""
+    return _cached_assets(str(model), bool(quick), None if profile is None else str(profile),
+                          None if tables is None else str(tables), bool(allow_mismatch))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_assets(model: str, quick: bool, profile: str | None) -> Assets:
-    return Assets(model, quick, profile)
+def _cached_assets(model: str, quick: bool, profile: str | None, tables: str | None, allow: bool) -> Assets:
+    return Assets(model, quick, profile, tables, allow)
 
 
 load_assets.cache_clear = _cached_assets.cache_clear

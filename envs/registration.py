@@ -37,15 +37,20 @@ def make_knob_env(
     skip_guarded: bool = False,
     measure: bool = False,
     quick: bool = False,
+    tables: str | Path | None = None,
+    allow_mismatch: bool = False,
 ):
     """A knob environment over one split of a model's requests.
 
-    `kind`: "two_stage" or "single_stage". `model`: a preset name (its embedded assets) or a model
-    directory. `split`: "train", "val" or "test". `budgets`: a budget distribution or its spec
+    `kind`: "two_stage" or "single_stage". `model`: a preset name (its embedded assets), a model
+    directory or an assets directory (scripts/prepare_assets.py's). `split`: "train", "val" or "test".
+    `budgets`: a budget distribution or its spec
     ("uniform", "log_uniform", "tight", "loose", "bimodal", "trace:FILE"). `penalty`: a `Penalty` or its
     kind ("indicator", "relative"). `backend`: "replay" (the recorded outcome table: fast) or "live"
     (the VLM runs each episode; `measure`: its latency measured rather than predicted). `profile`: the
-    latency profile, a path or a name in the model's directory (default `latency_cpu.json`).
+    latency profile, a file or a name its `assets.json` gives (default: its default profile, `cpu` for the
+    embedded model). `tables`: a directory of outcome tables (`SPLIT/table.npz`) instead of the model's;
+    tables of other weights or timed with another profile are refused unless `allow_mismatch`.
     `controller_ms`: time charged per request for the controller; `guard`, `skip_guarded`: the budget
     guard (envs/guard.py). `quick`: only the first validation and test requests. The model and its
     replayed splits are loaded once per process (`load_assets`).
@@ -60,7 +65,7 @@ def make_knob_env(
     penalty = Penalty(penalty) if isinstance(penalty, str) else penalty
     if not isinstance(penalty, Penalty):
         raise TypeError(f"penalty must be a kind ({'indicator'!r}, {'relative'!r}) or a Penalty, not {penalty!r}")
-    assets = load_assets(model, quick, profile)
+    assets = load_assets(model, quick, profile, tables, allow_mismatch)
     source = assets.backend(split) if backend == "replay" else assets.live(split, measure)
     return assets.env(kind, source, budgets, penalty, controller_ms, guard, skip_guarded)
 

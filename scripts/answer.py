@@ -6,6 +6,11 @@ knobs a trained controller picks.
     python scripts/answer.py --policy runs/ppo_two_stage_budget/policy.zip --budget-ms 30 \
         --image cat.png --question "what colour?" --json
     python scripts/answer.py --model tiny --list-knobs
+
+With --policy the request is served with the latency profile and controller charge the policy was trained
+with (its zip records them; --profile overrides) and with the CPU threads that profile was measured with
+(--threads overrides); --json adds the predicted latency, who chose the knobs (policy, or the budget guard's
+fallback or repair) and the profile.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import json
 import sys
 import warnings
 
+import torch
+
 from agents.serving import load_server
 from envs.budgets import BudgetError
 from envs.latency import timed_answer
+from envs.threads import use_threads
 from envs.vlm.checkpoint import load_model, model_config
 from envs.vlm.errors import CheckpointError, InputError, KnobError
 
@@ -25,15 +33,23 @@ from envs.vlm.errors import CheckpointError, InputError, KnobError
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="a preset name (tiny, molmoe-1b) or a model directory")
-    ap.add_argument("--image")
-    ap.add_argument("--question")
-    ap.add_argument("--tier", default="high")
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--blocks", type=int)
-    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--image", help="the image file")
+    ap.add_argument("--question", help="the question about it")
+    ap.add_argument("--tier", default="high", help="without --policy: the vision tier (low, medium, high)")
+    ap.add_argument("--top-k", type=int, help="without --policy: experts per token (default the largest)")
+    ap.add_argument("--blocks", type=int, help="without --policy: decoder blocks run (default all)")
+    ap.add_argument("--max-new-tokens", type=int, help="without --policy: the longest answer, in tokens")
     ap.add_argument("--policy", help="a saved controller (train_ppo.py's policy.zip): it picks the knobs")
     ap.add_argument("--budget-ms", type=float, help="the request's latency budget, with --policy")
     ap.add_argument("--warmup", type=int, default=2, help="with --policy: untimed runs of the request first")
+    ap.add_argument("--profile", help="with --policy: the latency profile (a file, or a name in the policy's assets) "
+                                      "instead of the one it was trained with")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: with --policy, those its profile was measured with; else 1)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object with the answer and its costs")
     ap.add_argument("--list-knobs", action="store_true", help="print the knob values and tiers' max-crops as JSON")
     ap.add_argument(
@@ -44,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --json: the first generated token's N largest logits, as [[token_id, value], ...]",
     )
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
     if args.policy is not None:
         return _serve(ap, args)
+    use_threads(args.threads)
     try:
         if args.list_knobs:  # from the config alone: no weights are loaded
             cfg = model_config(args.model)
@@ -95,9 +114,11 @@ def _serve(ap, args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = load_server(args.policy)
+            server = load_server(args.policy, args.profile)
+            use_threads(args.threads or server.threads)  # time requests on the profile's clock
             for _ in range(args.warmup + 1):  # a process's first requests pay one-time costs; time a warm one
                 served = server.serve(args.image, args.question, args.budget_ms)
+        predicted = server.predicted(args.image, args.question, served.config)
     except (InputError, CheckpointError, BudgetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,6 +128,9 @@ def _serve(ap, args) -> int:
     c = served.config
     print(json.dumps({"answer": served.answer, "tier": c.tier, "top_k": c.top_k, "blocks": c.blocks,
                       "budget_ms": args.budget_ms, "within_budget": served.total_ms <= args.budget_ms,
+                      "predicted_ms": round(predicted, 3), "chosen_by": served.chosen_by,
+                      "guarded": served.chosen_by == "guard", "repaired": served.chosen_by == "repair",
+                      "profile": server.profile, "threads": torch.get_num_threads(),
                       "latency_ms": {**{k: round(v, 3) for k, v in served.parts_ms.items()},
                                      "total": round(served.total_ms, 3)}}))  # fmt: skip
     return 0

@@ -30,4 +30,6 @@ for split in train val test; do
   cp "$src/table.npz" "$W/outcomes/$split.npz"
   cp "$src/pareto.png" "reports/pareto_tiny_$split.png"
 done
+# the directory's manifest (assets.json): each file's provenance, so its tables are checked against it
+python -c "from envs.prepare import describe_directory; describe_directory('$W')"
 python scripts/eval_vlm.py --model tiny --seed 2 --n 2000 --outcomes runs/outcomes/test --out reports/tiny_eval_seed2.json

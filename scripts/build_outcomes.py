@@ -20,6 +20,7 @@ from pathlib import Path
 from envs.oracle import pareto_plot
 from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl, retime_outcomes
 from envs.tasks.synthvqa import dataset_spec
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import EMBEDDED, load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--export", type=Path, help="also write the table as sorted JSONL rows")
     ap.add_argument("--retime", type=Path, metavar="SRC", help="copy the table SRC with --profile's latencies")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.retime is not None:
         return retime(args)
     if args.seed is None and args.manifest is None:

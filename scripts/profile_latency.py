@@ -29,6 +29,7 @@ import transformers
 
 from envs.latency import LatencyModel, profile_latency, timed_answer
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import build_model, load_model
 from envs.vlm.errors import CheckpointError
 
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="with --fast: torch.compile each decoder layer")
     ap.add_argument("--bucket", type=int, default=64, help="with --fast: prompt lengths round up to this")
     ap.add_argument("--out", type=Path, required=True)
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.compile and not args.fast:
         ap.error("--compile applies to the fast path: add --fast")
     if args.bucket < 1:
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print("plain / fast, medians:", json.dumps(profile["speedup"]))
     profile["meta"] = {
         "model": args.preset or args.model or "tiny", "preset": model.cfg.name, "device": args.device,
-        "device_name": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
+        "device_name": device_name(args.device), "threads": torch.get_num_threads(), "dtype": args.dtype,
+        "torch": torch.__version__,
         "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
         "repeats": args.repeats, "warmup": args.warmup, "new_tokens": args.new_tokens,
         "path": "fast" if args.fast else "plain", "graphs": bool(args.fast and args.device.startswith("cuda")),

@@ -3,10 +3,14 @@
     python scripts/train_ppo.py --policy two_stage [--variant budget|prompt|router] [--quick] [--out DIR]
     python scripts/train_ppo.py --policy single_stage [--variant mlp|transformer]
     python scripts/train_ppo.py --quick --controller-ms 1.0   # a reproducible run: the same numbers every time
+    python scripts/train_ppo.py --policy two_stage --assets ASSETS --quick   # your own model and data
+                                                  # (scripts/prepare_assets.py; docs/own_model_and_data.md)
 
 Writes DIR/policy.zip, DIR/policy_bc.zip, eval.json, eval.md, eval.png and TensorBoard logs (DIR/tb).
 --controller-ms X charges X ms per request for the controller instead of measuring it (a measured charge
 differs between runs); the budget guard is then charged --guard-ms, by default X as well.
+The policy zips record the model, profile and tables they were trained with (relative paths and hashes),
+so evaluate.py and answer.py use the same ones. Runs with one torch thread unless --threads says otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import types
 import typing
 from pathlib import Path
 
-from agents.args import Args
+from agents.args import HELP, Args
 from agents.pipeline import run
+from envs.asset_manifest import AssetsError
 from envs.budgets import BudgetError
 
 
@@ -35,7 +40,8 @@ def parse(argv: list[str] | None) -> Args:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Args)
     for f in dataclasses.fields(Args):
-        flag, kind, help_ = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name]), f.metadata.get("help")
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        help_ = f.metadata.get("help", HELP.get(f.name))
         if kind is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(f"runs/ppo_{args.policy}_{args.variant}{light}{'_quick' if args.quick else ''}")
     try:
         out = run(args)
-    except (BudgetError, FileNotFoundError) as e:
+    except (BudgetError, FileNotFoundError, AssetsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

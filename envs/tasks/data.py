@@ -49,7 +49,8 @@ def export_manifest(samples: Iterable[Sample], out_dir: str | Path, name: str = 
 
 
 def load_manifest(path: str | Path) -> list[Sample]:
-    """Read a JSONL manifest; image paths are relative to the manifest's folder unless absolute."""
+    """Read a JSONL manifest; image paths are relative to the manifest's folder unless absolute. A row's id is
+    its `id`, else its `question_id`, else its line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -66,7 +67,11 @@ def load_manifest(path: str | Path) -> list[Sample]:
                 raise ValueError("answers must be a non-empty list of strings")
             samples.append(
                 Sample(
-                    str(row.get("id", n)), path.parent / row["image"], row["question"], answers, row.get("family", "")
+                    str(row.get("id", row.get("question_id", n))),
+                    path.parent / row["image"],
+                    row["question"],
+                    answers,
+                    row.get("family", ""),
                 )
             )
         except (json.JSONDecodeError, KeyError, ValueError) as e:

@@ -1,0 +1,47 @@
+"""CPU thread counts that hold up on a busy machine.
+
+The project's models are small and run one request at a time: torch's default (one thread per core)
+gains little on an idle machine and, when other processes load the cores, its threads wait on each
+other and a run slows many times over. Every script therefore sets one thread unless told otherwise
+(`--threads N`; `KNOB_RL_THREADS` for library use), and a server times requests with the thread count
+its latency profile was measured with, so predicted and served latencies share a clock.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT = 1
+
+
+def default_threads() -> int:
+    """`KNOB_RL_THREADS` if set, else one thread."""
+    value = os.environ.get("KNOB_RL_THREADS")
+    if value is None:
+        return DEFAULT
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"KNOB_RL_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def use_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads (and, before any parallel work, inter-op threads) to `n` (default
+    `default_threads()`); returns the count set."""
+    n = default_threads() if n is None else n
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # only settable before the first parallel work; intra-op threads are what matter here
+        pass
+    return n
+
+
+def add_threads_flag(parser) -> None:
+    """The `--threads` option every script shares."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch CPU threads (default {DEFAULT}, or $KNOB_RL_THREADS): one holds up when other "
+                             "processes load the cores; more only help a large model on an idle machine")  # fmt: skip
