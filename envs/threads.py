@@ -2,7 +2,8 @@
 
 The project's models are small and run one request at a time: torch's default (one thread per core)
 gains little on an idle machine and, when other processes load the cores, its threads wait on each
-other and a run slows many times over. Every script therefore sets one thread unless told otherwise
+other and a run slows many times over; so do numpy's BLAS threads (OpenBLAS starts one per core, set
+here through threadpoolctl). Every script therefore sets one thread unless told otherwise
 (`--threads N`; `KNOB_RL_THREADS` for library use), and a server times requests with the thread count
 its latency profile was measured with, so predicted and served latencies share a clock.
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import os
 
 import torch
+from threadpoolctl import threadpool_limits
 
 DEFAULT = 1
+_LIMITS: list = []  # the BLAS limits in force (kept referenced for the process's life)
 
 
 def default_threads() -> int:
@@ -27,8 +30,8 @@ def default_threads() -> int:
 
 
 def use_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads (and, before any parallel work, inter-op threads) to `n` (default
-    `default_threads()`); returns the count set."""
+    """Set torch's intra-op threads (and, before any parallel work, inter-op threads) and the BLAS libraries'
+    threads (numpy's OpenBLAS) to `n` (default `default_threads()`); returns the count set."""
     n = default_threads() if n is None else n
     if n < 1:
         raise ValueError(f"threads must be at least 1, got {n}")
@@ -37,6 +40,7 @@ def use_threads(n: int | None = None) -> int:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # only settable before the first parallel work; intra-op threads are what matter here
         pass
+    _LIMITS[:] = [threadpool_limits(limits=n, user_api="blas")]
     return n
 
 

@@ -284,3 +284,21 @@ def test_journey_own_model_vqav2_and_hf(tmp_path, own_model, capsys, monkeypatch
     other = save_model(build_model("tiny", seed=4), tmp_path / "other_model")
     with pytest.raises(AssetsError, match="other weights"):
         Assets(other, tables=hf_assets / "tables", profile=profile).replay("train")
+
+
+def test_threads_set_torch_and_blas_and_refuse_nonsense(monkeypatch):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from envs.threads import default_threads, use_threads
+
+    assert use_threads(1) == 1 and torch.get_num_threads() == 1
+    assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+    monkeypatch.setenv("KNOB_RL_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("KNOB_RL_THREADS", "many")
+    with pytest.raises(ValueError, match="KNOB_RL_THREADS must be a positive integer"):
+        default_threads()
+    with pytest.raises(ValueError, match="at least 1"):
+        use_threads(0)
+    torch.set_num_threads(1)
