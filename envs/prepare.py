@@ -180,6 +180,8 @@ def prepare_assets(model: str, data: str, out: str | Path, device: str = "cpu", 
         warnings.simplefilter("ignore")
         vlm = load_model(model, device=device)
     spec = model if model in PRESETS else str(Path(model).resolve())
+    if profile is not None:  # a profile of another model's shapes is refused before anything is written
+        check_profile(read_profile_file(profile), vlm.cfg, str(profile))
     out.mkdir(parents=True, exist_ok=True)
     profile_name, profile_file = take_profile(vlm, model, device, profile, out)
     profile_data = read_profile_file(profile_file)

@@ -196,13 +196,31 @@ def test_hf_source_reads_parquet_and_save_to_disk(tmp_path):
     assert [s.id for s in renamed] == [str(i) for i in range(6)]  # no id column: row numbers
 
 
-def test_prepare_refuses_bad_data_and_writes_nothing(tmp_path, own_model):
+def test_prepare_refuses_bad_data_and_writes_nothing(tmp_path, own_model, capsys):
     from scripts.prepare_assets import main
 
     data = make_vqav2(tmp_path / "v", n_images=2, per_image=2)
     (tmp_path / "v" / "images" / "COCO_val2014_000000000001.png").write_bytes(b"broken")
     assert main(["--model", str(own_model), "--data", data, "--out", str(tmp_path / "a")]) == 2
     assert not (tmp_path / "a").exists()
+    good = make_vqav2(tmp_path / "v2", n_images=4, per_image=3)
+    wrong = json.loads((EMBEDDED / "tiny" / "latency_cpu.json").read_text())
+    wrong["meta"]["preset"] = "molmoe-1b"
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    argv = [
+        "--model",
+        str(own_model),
+        "--data",
+        good,
+        "--out",
+        str(tmp_path / "b"),
+        "--profile",
+        str(tmp_path / "wrong.json"),
+    ]
+    assert main(argv) == 2
+    assert "measured on preset 'molmoe-1b'" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main([*argv[:5], str(tmp_path / "c"), "--split", "0.5,0.6,0.1"]) == 2
+    assert "sum to 1" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_every_option_of_the_journeys_scripts_says_what_it_does(monkeypatch):
