@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.imitation import ORACLES
+from envs.assets import BUDGET_REFERENCES
 
 VARIANTS = {"two_stage": ("budget", "prompt", "router"), "single_stage": ("mlp", "transformer")}
 ENCODERS = ("vlm", "light")
@@ -42,6 +43,8 @@ HELP = {  # --help of the fields without their own metadata help
     "guard": "the budget guard (envs/guard.py) serves requests no config fits once the controller has run",
     "repair": "with the guard: replace a chosen config that does not fit by the best one that does",
     "seed": "the run's seed",
+    "budget_reference": "budget fractions (tight, loose, ...) are of the profile's reference request at the full "
+    "config (profile), or of the train split's median full-config latency (data)",
 }
 
 
@@ -110,6 +113,7 @@ class Args:
     guard_ms: float | None = field(default=None, metadata={
         "help": "with --controller-ms: the budget guard's charged time (ms); default --controller-ms"})  # fmt: skip
     seed: int = 0
+    budget_reference: str = "profile"
 
     def __post_init__(self):
         if self.policy not in VARIANTS:
@@ -123,6 +127,8 @@ class Args:
             raise ValueError(f"select_alpha must lie in (0, 1), got {self.select_alpha}")
         if not 0.0 <= self.oracle_shrink <= 1.0:
             raise ValueError(f"oracle shrink must lie in [0, 1], got {self.oracle_shrink}")
+        if self.budget_reference not in BUDGET_REFERENCES:
+            raise ValueError(f"unknown budget reference {self.budget_reference!r}; choose one of {BUDGET_REFERENCES}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown global-view encoder {self.encoder!r}; choose one of {ENCODERS}")
         for name in ("controller_ms", "guard_ms"):

@@ -68,7 +68,8 @@ def run(args: Args) -> Path:
     (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
 
     # assets and the training environments (the run's own Assets: a light encoder changes its features)
-    assets = Assets(args.assets or args.model, args.quick, args.profile, args.tables, args.allow_mismatch)
+    assets = Assets(args.assets or args.model, args.quick, args.profile, args.tables, args.allow_mismatch,
+                    args.budget_reference)  # fmt: skip
     light_encoder_error = None
     if args.policy == "single_stage" and args.encoder == "light":
         light_encoder_error = use_light_encoder(assets, args.seed)

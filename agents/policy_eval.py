@@ -47,7 +47,8 @@ def evaluate(policy: str | Path, budgets: str = "uniform,tight,bimodal", episode
     if profile is None and rec is not None:
         trained_with = Path(provenance.in_assets(policy, rec, rec["profile"]["file"]))
         profile = trained_with if trained_with.is_file() else None
-    assets = load_assets(assets, False, profile, tables, allow_mismatch)
+    reference = rec.get("budget_reference", "profile") if rec else "profile"  # budgets read as in training
+    assets = load_assets(assets, False, profile, tables, allow_mismatch, reference)
     if rec is not None and assets.weights != rec["model"]["weights"]:
         raise ValueError(f"{policy} was trained on weights {rec['model']['weights']}; the assets' model holds "
                          f"{assets.weights}")  # fmt: skip

@@ -46,6 +46,7 @@ def record(assets, policy_dir: Path, controller_ms: float, guard_ms: float | Non
             "profile": {"name": assets.profile_name, "file": _rel(assets.profile_file, assets.root),
                         "latency": assets.latency_hash, "device": assets.profile_meta.get("device"),
                         "threads": threads_of(assets.profile_meta), "reference_full_ms": assets.full_ms},
+            "budget_reference": assets.budget_reference,
             "tables": tables, "controller_ms": float(controller_ms),
             "guard_ms": None if guard_ms is None else float(guard_ms)}  # fmt: skip
 

@@ -329,6 +329,8 @@ def load_server(path: Path, profile: str | Path | None = None):
         raise FileNotFoundError(f"{profile_file} is missing: budgets are read against it and configs' latency "
                                 "predicted")  # fmt: skip
     latency_model, full_ms = read_profile(profile_file)
+    if rec is not None and rec.get("budget_reference", "profile") == "data":
+        full_ms = rec["profile"]["reference_full_ms"]  # budgets read against the training data's full config
     vlm = load_model(model.policy.vlm)
     cls = TwoStageServer if kind == "two_stage" else SingleStageServer
     server = cls(model.policy.mlp_extractor.net, vlm, full_ms, latency_model)

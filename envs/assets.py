@@ -16,6 +16,8 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from envs.asset_manifest import (
     AssetsError,
     check_profile,
@@ -29,11 +31,13 @@ from envs.knob_env import LiveBackend, make_env, replay_backend
 from envs.latency import LatencyModel
 from envs.outcomes import OutcomeTable, dataset_samples
 from envs.vlm.checkpoint import EMBEDDED, load_model, weights_digest
+from envs.vlm.evaluate import Config
 from envs.vlm.presets import PRESETS
 
 PROFILE = "latency_cpu.json"
 SPLITS = ("train", "val", "test")
 QUICK_REQUESTS = {"val": 200, "test": 400}  # `quick`: the first requests of the held-out splits
+BUDGET_REFERENCES = ("profile", "data")  # what budget fractions (tight, loose, ...) are fractions of
 
 
 def assets_dir(model: str | Path) -> Path:
@@ -81,12 +85,18 @@ class Assets:
     """
 
     def __init__(self, model: str | Path = "tiny", quick: bool = False, profile: str | Path | None = None,
-                 tables: str | Path | None = None, allow_mismatch: bool = False):  # fmt: skip
+                 tables: str | Path | None = None, allow_mismatch: bool = False,
+                 budget_reference: str = "profile"):  # fmt: skip
         """`model`: a preset name (its embedded assets), a model directory or an assets directory. `quick`: only
         the first 200 validation and 400 test requests. `profile`: the latency profile, a file or a name the
         manifest gives (default: its `default_profile`). `tables`: a directory of outcome tables
         (`<split>/table.npz` as build_outcomes writes them, or `<split>.npz`) instead of the manifest's.
-        `allow_mismatch`: warn about, rather than refuse, tables of other weights or another profile."""
+        `allow_mismatch`: warn about, rather than refuse, tables of other weights or another profile.
+        `budget_reference`: budget fractions are of the profile's reference request at the full config
+        ("profile"), or of the median full-config latency of the train split's requests ("data": for data
+        whose images or questions differ from the reference request's)."""
+        if budget_reference not in BUDGET_REFERENCES:
+            raise ValueError(f"unknown budget reference {budget_reference!r}; choose one of {BUDGET_REFERENCES}")
         self.root, self.quick, self.allow_mismatch = assets_dir(model), quick, allow_mismatch
         if not self.root.is_dir():
             raise FileNotFoundError(f"unknown model {str(model)!r}: neither a preset {list(PRESETS)} nor a directory")
@@ -115,9 +125,23 @@ class Assets:
             warnings.simplefilter("ignore")
             self.vlm = load_model(self.model)
         check_profile(profile_data, self.vlm.cfg, str(self.profile_file))
+        self.budget_reference = budget_reference
+        if budget_reference == "data":
+            self.full_ms = self.data_full_ms()
         # the global crop's vision work: what a single-stage controller pays before it decides
         self.global_ms = sum(a + b for a, b in self.latency_model.per_crop.values())
         self.reuse_low = True  # the low tier reuses the VLM's own global-crop features
+
+    def data_full_ms(self) -> float:
+        """The median latency of the train split's requests at the full config (the largest knobs), as the
+        profile in use predicts it from each request's shapes."""
+        self.check_table("train")  # its latencies are the profile's
+        table = OutcomeTable.load(self.table_path("train")).valid()
+        knobs = self.vlm.cfg.knob_lists()
+        full = Config(knobs["tier"][-1], max(knobs["top_k"]), max(knobs["blocks"]))
+        if full not in table.configs or not len(table.sample_ids):
+            raise ValueError(f"{self.table_path('train')} has no answered request at the full config {full}")
+        return float(np.median(table.latency[:, table.configs.index(full)]))
 
     def table_path(self, split: str) -> Path:
         if split not in SPLITS:
@@ -187,17 +211,19 @@ class Assets:
 
 
 def load_assets(model: str | Path = "tiny", quick: bool = False, profile: str | Path | None = None,
-                tables: str | Path | None = None, allow_mismatch: bool = False) -> Assets:  # fmt: skip
-    """`Assets(model, quick, profile, tables, allow_mismatch)`, loaded once per process: environments of one
-    model share it. Treat the result as read-only (a run that changes features, e.g. for a light encoder,
-    builds its own `Assets`)."""
+                tables: str | Path | None = None, allow_mismatch: bool = False,
+                budget_reference: str = "profile") -> Assets:  # fmt: skip
+    """`Assets(model, quick, profile, tables, allow_mismatch, budget_reference)`, loaded once per process:
+    environments of one model share it. Treat the result as read-only (a run that changes features, e.g. for
+    a light encoder, builds its own `Assets`)."""
     return _cached_assets(str(model), bool(quick), None if profile is None else str(profile),
-                          None if tables is None else str(tables), bool(allow_mismatch))  # fmt: skip
+                          None if tables is None else str(tables), bool(allow_mismatch), budget_reference)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_assets(model: str, quick: bool, profile: str | None, tables: str | None, allow: bool) -> Assets:
-    return Assets(model, quick, profile, tables, allow)
+def _cached_assets(model: str, quick: bool, profile: str | None, tables: str | None, allow: bool,
+                   reference: str) -> Assets:  # fmt: skip
+    return Assets(model, quick, profile, tables, allow, reference)
 
 
 load_assets.cache_clear = _cached_assets.cache_clear

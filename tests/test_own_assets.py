@@ -246,6 +246,7 @@ def test_every_option_of_the_journeys_scripts_says_what_it_does(monkeypatch):
 # ---------------------------------------------------------------------------------------------- the journey
 @pytest.mark.slow
 def test_journey_own_model_vqav2_and_hf(tmp_path, own_model, capsys, monkeypatch):
+    from agents.serving import load_server
     from scripts import answer, evaluate, prepare_assets, train_ppo
 
     monkeypatch.setenv("KNOB_RL_CACHE", str(tmp_path / "cache"))
@@ -266,12 +267,14 @@ def test_journey_own_model_vqav2_and_hf(tmp_path, own_model, capsys, monkeypatch
 
     run = tmp_path / "run"
     assert train_ppo.main(["--policy", "two_stage", "--assets", str(assets), "--quick", "--controller-ms", "1.0",
-                           "--out", str(run)]) == 0  # fmt: skip
+                           "--budget-reference", "data", "--out", str(run)]) == 0  # fmt: skip
     with zipfile.ZipFile(run / "policy.zip") as z:
         rec = json.loads(z.read("knob_rl_assets.json"))
         assert str(tmp_path) not in z.read("data").decode()  # no absolute path in the policy
     assert rec["profile"]["name"] == name and rec["profile"]["file"] == f"profiles/{name}.json"
     assert rec["controller_ms"] == 1.0 and rec["model"]["weights"] == manifest["model"]["weights"]
+    assert rec["budget_reference"] == "data"
+    assert rec["profile"]["reference_full_ms"] != manifest["profiles"][name]["reference_full_ms"]
 
     out = tmp_path / "eval" / "test.json"
     assert evaluate.main(["--policy", str(run / "policy.zip"), "--assets", str(assets), "--split", "test",
@@ -281,6 +284,7 @@ def test_journey_own_model_vqav2_and_hf(tmp_path, own_model, capsys, monkeypatch
     assert meta["profile"]["name"] == name and meta["split"] == "test"
     assert meta["table"]["requests"] == manifest["tables"]["test"]["requests"]
     assert meta["controller_source"] == "as trained" and meta["controller_ms"] == 1.0
+    assert meta["full_config_ms"] == rec["profile"]["reference_full_ms"]  # budgets read as in training
     assert meta["minutes"] > 0 and meta["peak_memory_mb"] > 0
     assert out.with_suffix(".png").is_file() and "run 0.0 min" not in out.with_suffix(".md").read_text()
 
@@ -292,6 +296,7 @@ def test_journey_own_model_vqav2_and_hf(tmp_path, own_model, capsys, monkeypatch
     assert served["profile"]["device"] == "cuda" and served["profile"]["as_trained"]
     assert served["predicted_ms"] > 0 and served["chosen_by"] in ("policy", "guard", "repair")
     assert served["guarded"] == (served["chosen_by"] == "guard")
+    assert load_server(run / "policy.zip").full_ms == rec["profile"]["reference_full_ms"]
 
     hf_assets = tmp_path / "hf_assets"
     assert prepare_assets.main(["--model", str(own_model), "--data", make_hf(tmp_path / "hf", n=30), "--out",
@@ -320,3 +325,15 @@ def test_threads_set_torch_and_blas_and_refuse_nonsense(monkeypatch):
     with pytest.raises(ValueError, match="at least 1"):
         use_threads(0)
     torch.set_num_threads(1)
+
+
+def test_budgets_can_be_fractions_of_the_datas_full_config_latency():
+    from envs.outcomes import OutcomeTable
+
+    table = OutcomeTable.load(EMBEDDED / "tiny" / "outcomes" / "train.npz").valid()
+    full = next(i for i, c in enumerate(table.configs) if (c.tier, c.top_k, c.blocks) == ("high", 8, 13))
+    data = Assets("tiny", quick=True, budget_reference="data")
+    assert data.full_ms == pytest.approx(float(np.median(table.latency[:, full])))
+    assert data.full_ms != Assets("tiny", quick=True).full_ms
+    with pytest.raises(ValueError, match="unknown budget reference 'median'"):
+        Assets("tiny", budget_reference="median")
