@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from envs.asset_manifest import AssetsError, check_profile, check_table, latency_hash, read_manifest
+from envs.asset_manifest import AssetsError, check_profile, check_table, file_hash, latency_hash, read_manifest
 from envs.assets import Assets
 from envs.tasks.sources import Columns, DataError, check_samples, load_data, split_of, split_samples
-from envs.vlm.checkpoint import EMBEDDED, build_model, save_model
+from envs.vlm.checkpoint import EMBEDDED, build_model, save_model, weights_digest
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -106,6 +106,12 @@ def test_embedded_manifest_names_its_files():
     }
     assert all(t["profile"] == "cpu" and t["latency"] == manifest["profiles"]["cpu"]["latency"]
                for t in manifest["tables"].values())  # fmt: skip
+    # the manifest describes the files as they are (scripts/build_embedded.sh rewrites it with them)
+    root = EMBEDDED / "tiny"
+    assert manifest["model"]["weights"] == weights_digest("tiny")
+    profile = json.loads((root / "latency_cpu.json").read_text())
+    assert manifest["profiles"]["cpu"]["latency"] == latency_hash(profile["model"])
+    assert all(t["content"] == file_hash(root / t["file"]) for t in manifest["tables"].values())
 
 
 def test_legacy_directory_reads_as_a_manifest(tmp_path):
