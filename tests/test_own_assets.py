@@ -309,6 +309,20 @@ def test_journey_own_model_vqav2_and_hf(tmp_path, own_model, capsys, monkeypatch
                                 str(hf_assets), "--profile", str(profile), "--no-features"]) == 0  # fmt: skip
     hf_manifest = json.loads((hf_assets / "assets.json").read_text())
     assert sum(t["requests"] for t in hf_manifest["tables"].values()) == 30
+    hf_run = tmp_path / "hf_run"  # features are built on first use (--no-features)
+    assert train_ppo.main(["--policy", "two_stage", "--assets", str(hf_assets), "--quick", "--controller-ms", "1.0",
+                           "--out", str(hf_run)]) == 0  # fmt: skip
+    hf_out = tmp_path / "eval" / "hf_test.json"
+    assert evaluate.main(["--policy", str(hf_run / "policy.zip"), "--split", "test", "--budgets", "uniform",
+                          "--episodes", "40", "--out", str(hf_out)]) == 0  # fmt: skip
+    hf_meta = json.loads(hf_out.read_text())["meta"]
+    assert hf_meta["table"]["requests"] == hf_manifest["tables"]["test"]["requests"]
+    assert hf_meta["table"]["dataset"]["path"].endswith("data/test.jsonl")
+    hf_image = next((hf_assets / "data" / "images").glob("*.png"))
+    capsys.readouterr()
+    assert answer.main(["--policy", str(hf_run / "policy.zip"), "--budget-ms", "60", "--image", str(hf_image),
+                        "--question", "what colour is the image?", "--warmup", "0", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["profile"]["as_trained"]
     # tables of another model's weights are refused
     other = save_model(build_model("tiny", seed=4), tmp_path / "other_model")
     with pytest.raises(AssetsError, match="other weights"):
