@@ -38,8 +38,8 @@ from envs.guard import BudgetGuard
 from envs.knobs import KnobSpace
 from envs.latency import PARTS, ConfigLatency, LatencyModel, StageTimer, timed_prefix
 from envs.outcomes import OutcomeTable, dataset_samples
-from envs.tasks.metrics import vqa_soft_accuracy
 from envs.vlm.evaluate import all_configs
+from envs.vlm.metrics import vqa_soft_accuracy
 
 
 class ReplayBackend:

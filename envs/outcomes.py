@@ -23,10 +23,10 @@ import numpy as np
 
 from envs.latency import PARTS, LatencyModel
 from envs.tasks.data import load_manifest
-from envs.tasks.metrics import exact_match, vqa_soft_accuracy
 from envs.tasks.synthvqa import VERSION, make_sample
 from envs.vlm.checkpoint import load_model, weights_digest
 from envs.vlm.evaluate import Config, finish_all
+from envs.vlm.metrics import exact_match, vqa_soft_accuracy
 
 META = "meta.json"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from envs.tasks.metrics import exact_match
 from envs.vlm.errors import CheckpointError
+from envs.vlm.metrics import exact_match
 
 FIRST = 3
 
