@@ -18,6 +18,7 @@ import json
 import torch
 
 from envs.tasks.synthvqa import FAMILIES, SPLIT_SEEDS, make_sample
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.presets import TIERS
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--tier", default="medium", choices=TIERS)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.n < 2:
         ap.error("--n must be >= 2 (the spread is a standard deviation over scenes)")
     try:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from envs.tasks.synthvqa import FAMILIES, PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, asks_presence, presence_kind
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.model import preprocess_requests
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--out", type=Path, help="also write the table to this .md file")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.seed in TRAINING_SEEDS:
         ap.error(f"seed {args.seed} is one the model trained or was ranked on; pick a fresh one")
     if args.n < 1:

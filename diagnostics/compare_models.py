@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from envs.tasks.synthvqa import SynthVQA
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config, accuracy_table, sweep
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--models", nargs="+", required=True, help="model directories or preset names")
     ap.add_argument("--out", type=Path)
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.n <= 0:
         ap.error("--n must be positive")
     samples = list(SynthVQA(args.seed, args.n))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from envs.tasks.synthvqa import PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, complement, presence_kind
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError, KnobError
 from envs.vlm.evaluate import Config, sweep
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--configs", nargs="+", type=parse_config, help="TIER/TOP_K/BLOCKS (default: full top-k and blocks per tier)"
     )
     ap.add_argument("--out", type=Path)
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.n <= 0:
         ap.error("--n must be positive")
     if args.seed in TRAINING_SEEDS:

@@ -19,6 +19,7 @@ import numpy as np
 
 from envs.outcomes import OutcomeTable
 from envs.tasks.synthvqa import TRAINING_SEEDS, SynthVQA, dataset_spec
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.evaluate import Config, accuracy_table, all_configs, sweep
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--outcomes", type=Path, help="score from an outcome table of this split instead of running")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.n <= 0:
         ap.error("--n must be positive")
     if args.seed in TRAINING_SEEDS:

@@ -24,6 +24,7 @@ import torch
 
 from envs.tasks.synthvqa import COLOURS, TRAINING_SEEDS, asked_object, make_sample
 from envs.tasks.synthvqa import asked_objects as looked_at
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
 from envs.vlm.errors import CheckpointError
 from envs.vlm.model import preprocess_requests
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tier", choices=TIERS, default="high")
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 15])
     ap.add_argument("--out", type=Path, help="write the table to this .md file and the figures beside it (.json)")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     if args.seed in TRAINING_SEEDS:
         ap.error(f"seed {args.seed} is one the model trained or was ranked on; pick a fresh one")
     if args.n < 20:

@@ -10,6 +10,7 @@ its latency profile was measured with, so predicted and served latencies share a
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -44,8 +45,16 @@ def use_threads(n: int | None = None) -> int:
     return n
 
 
-def add_threads_flag(parser) -> None:
-    """The `--threads` option every script shares."""
-    parser.add_argument("--threads", type=int, default=None,
-                        help=f"torch CPU threads (default {DEFAULT}, or $KNOB_RL_THREADS): one holds up when other "
-                             "processes load the cores; more only help a large model on an idle machine")  # fmt: skip
+def thread_count(text: str) -> int:
+    """A `--threads` value: a positive integer (else a usage error naming the value)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> argparse.Action:
+    """Add the `--threads` option every script shares (default None: `use_threads` picks); returns its action."""
+    return parser.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                               help=f"torch CPU threads (default {DEFAULT}, or $KNOB_RL_THREADS): one holds up when "
+                                    "other processes load the cores; more help only training or a large model, on an "
+                                    "idle machine")  # fmt: skip

@@ -13,10 +13,10 @@ exactly the rows a clean run gives. `--executor ray` runs shards as Ray tasks on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from envs.asset_manifest import AssetsError, read_profile_file
 from envs.oracle import pareto_plot
 from envs.outcomes import OutcomeTable, build_outcomes, export_jsonl, retime_outcomes
 from envs.tasks.synthvqa import dataset_spec
@@ -35,16 +35,12 @@ def default_profile(model: str) -> Path:
 
 
 def latency_model_of(profile: Path) -> dict:
-    """The fitted latency model in a profile written by scripts/profile_latency.py (ValueError if none)."""
-    if not profile.is_file():
-        raise ValueError(f"no latency profile at {profile}; make one with scripts/profile_latency.py")
+    """The fitted latency model in a profile written by scripts/profile_latency.py, read and checked by
+    `read_profile_file`; ValueError (AssetsError) if the file is missing or not such a profile."""
     try:
-        data = json.loads(profile.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{profile} is not JSON: {e}") from None
-    if not isinstance(data, dict) or "model" not in data:
-        raise ValueError(f"{profile} holds no fitted latency model ('model'): not a scripts/profile_latency.py profile")
-    return data["model"]
+        return read_profile_file(profile)["model"]
+    except FileNotFoundError as e:
+        raise AssetsError(f"{e}; make one with scripts/profile_latency.py") from None
 
 
 def pack(out: Path, title: str) -> OutcomeTable:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.convert import convert_checkpoint
 from envs.vlm.errors import CheckpointError
 from envs.vlm.presets import TIERS
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-crops", type=_max_crops, help="the tiers' max-crops values, LOW,MEDIUM,HIGH (default 2,6,12)"
     )
     ap.add_argument("--preset", help="take the shapes from a preset (tiny, molmoe-1b) when SRC has no config.json")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
+    use_threads(args.threads)
     try:
         out = convert_checkpoint(args.src, args.out, args.preset, getattr(torch, args.dtype), args.max_crops)
     except CheckpointError as e:

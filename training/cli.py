@@ -3,7 +3,8 @@
 Flags are derived from the fields' types (a tuple field takes several values, a bool field
 `--x / --no-x`) and their metadata (choices, metavar, a fixed count). `--recipe FILE` reads the
 values of a JSON file (a lineage step under training/recipes/, or a run's args.json); flags given
-on the command line win over it.
+on the command line win over it. `--threads N` (envs/threads.py) is the CPU thread count of the run,
+not a training option: it stays out of TrainArgs, recipes and args.json.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import typing
 from pathlib import Path
 
+from envs.threads import add_threads_flag
 from training.args import TrainArgs
 
 RECIPE_ONLY_KEYS = ("note",)  # what a recipe may hold beside TrainArgs fields
@@ -45,9 +47,12 @@ def field_help(cls: type) -> dict[str, str]:
 
 
 def parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser with a flag per TrainArgs field (`--batch-size` for `batch_size`) and `--recipe`."""
+    """An ArgumentParser with a flag per TrainArgs field (`--batch-size` for `batch_size`), `--recipe` and
+    `--threads`."""
     ap = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     ap.add_argument("--recipe", type=Path, help="JSON file of option values (a lineage step or a run's args.json)")
+    # absent unless given (SUPPRESS), so the formatter does not print "(default: None)" after the help's own default
+    add_threads_flag(ap).default = argparse.SUPPRESS
     hints, helps = typing.get_type_hints(TrainArgs), field_help(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
         flag, hint, meta = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
@@ -66,8 +71,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
-def parse(argv: list[str] | None = None, description: str | None = None) -> TrainArgs:
-    """TrainArgs from the command line; a usage error (exit 2) for values `train` cannot run with."""
+def parse_command(argv: list[str] | None = None, description: str | None = None) -> tuple[TrainArgs, int | None]:
+    """TrainArgs and the `--threads` count (None if not given) from the command line; a usage error (exit 2)
+    for values `train` cannot run with."""
     ap = parser(description)
     known, _ = ap.parse_known_args(argv)
     if known.recipe is not None:
@@ -77,9 +83,16 @@ def parse(argv: list[str] | None = None, description: str | None = None) -> Trai
             ap.error(f"--recipe {known.recipe}: {e}")
     values = vars(ap.parse_args(argv))
     values.pop("recipe")
+    threads = values.pop("threads", None)
     try:
         args = TrainArgs.from_dict(values)
         args.check()
     except ValueError as e:
         ap.error(str(e))
-    return args
+    return args, threads
+
+
+def parse(argv: list[str] | None = None, description: str | None = None) -> TrainArgs:
+    """TrainArgs from the command line (`--threads` accepted and left out); a usage error (exit 2) for values
+    `train` cannot run with."""
+    return parse_command(argv, description)[0]
