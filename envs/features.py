@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from envs.atomic import atomic_path
 from envs.vlm.presets import FIRST_KNOBBED_LAYER, TIERS
 from envs.vlm.staged import KVCache
 
@@ -161,13 +163,27 @@ class FeatureCache:
         )
 
     def save(self, path: Path) -> None:
-        np.savez(path, prompt=self.prompt, kv=self.kv, kv_mask=self.kv_mask, position=self.position,
-                 global_view=self.global_view, crops=self.crops)  # fmt: skip
+        """Written atomically: a run killed mid-write leaves no cache (or the old one), never a torn one."""
+        with atomic_path(path) as tmp:
+            np.savez(tmp, prompt=self.prompt, kv=self.kv, kv_mask=self.kv_mask, position=self.position,
+                     global_view=self.global_view, crops=self.crops)  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> FeatureCache:
-        z = np.load(path)
-        return cls(z["prompt"], z["kv"], z["kv_mask"], z["position"], z["global_view"], z["crops"])
+        """A cache file; a torn or foreign file is a CorruptCacheError naming it."""
+        try:
+            with np.load(path) as z:
+                arrays = [np.asarray(z[k]) for k in ("prompt", "kv", "kv_mask", "position", "global_view", "crops")]
+        except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as e:
+            raise CorruptCacheError(
+                f"feature cache {path} is torn or not a feature cache ({type(e).__name__}: {e}); delete it "
+                "and it is rebuilt"
+            ) from None
+        return cls(*arrays)
+
+
+class CorruptCacheError(ValueError):
+    """A cache file that cannot be read whole (a torn write, another program's file)."""
 
 
 def cache_key(model, table_meta: dict) -> str:

@@ -26,6 +26,7 @@ where another one the policy could still serve does (two-stage: of the chosen ti
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -33,7 +34,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.budgets import N_BUDGET_FEATURES, BudgetDistribution, Penalty, budget_features
-from envs.features import FeatureCache, cache_key, kv_shape, prefix_kv, prompt_embedding, summarise
+from envs.features import CorruptCacheError, FeatureCache, cache_key, kv_shape, prefix_kv, prompt_embedding, summarise
 from envs.guard import BudgetGuard
 from envs.knobs import KnobSpace
 from envs.latency import PARTS, ConfigLatency, LatencyModel, StageTimer, timed_prefix
@@ -340,9 +341,14 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
         raise ValueError(f"{table_path} was built for other knob values than model {model.cfg.name}")
     cache_dir = Path(cache_dir or os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))
     path = cache_dir / f"features-{cache_key(model, table.meta)}.npz"
+    features = None
     if path.exists():
-        features = FeatureCache.load(path)
-    else:
+        try:
+            features = FeatureCache.load(path)
+        except CorruptCacheError as e:
+            warnings.warn(f"{e}; rebuilding it", stacklevel=2)
+            path.unlink(missing_ok=True)
+    if features is None:
         features = FeatureCache.build(model, dataset_samples(table.meta["dataset"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         features.save(path)

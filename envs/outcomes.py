@@ -13,7 +13,6 @@ whole shards, and running the same command again computes exactly the missing on
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.atomic import atomic_path, stale_temporaries, write_json, write_text
 from envs.latency import PARTS, LatencyModel
 from envs.tasks.data import load_manifest
 from envs.tasks.synthvqa import VERSION, make_sample
@@ -118,14 +118,21 @@ def shard_path(out: Path, i: int) -> Path:
 
 
 def write_shard(out: Path, i: int, rows: list[dict]) -> None:
-    path = shard_path(out, i)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(shard_path(out, i), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_meta(out: Path) -> dict:
+    """A table's meta.json; a torn or foreign file is a ValueError naming it."""
+    path = Path(out) / META
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is torn or not JSON ({e}); delete the table directory {out} and build it again"
+        ) from None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("n", "shard_size", "configs", "dataset")):
+        raise ValueError(f"{path} is not an outcome table's meta (keys n, shard_size, configs, dataset expected)")
+    return meta
 
 
 def build_outcomes(model_spec: str, dataset: dict, out: str | Path, latency: dict, configs: Sequence[Config],
@@ -140,13 +147,13 @@ def build_outcomes(model_spec: str, dataset: dict, out: str | Path, latency: dic
     meta = {"model": str(model_spec), "weights": weights_digest(model_spec), "dataset": dataset, "n": n,
             "shard_size": shard_size, "configs": [c.__dict__ for c in configs], "latency_model": latency}  # fmt: skip
     if (out / META).exists():
-        old = json.loads((out / META).read_text())
+        old = read_meta(out)
         if {k: old.get(k) for k in meta} != json.loads(json.dumps(meta)):
             raise ValueError(f"{out} holds an outcome table for another model, dataset, profile or shard size")
     else:
-        (out / META).write_text(json.dumps(meta, indent=1))
-    for stale in (out / "shards").glob(".*.tmp"):
-        stale.unlink()  # torn writes of a killed run
+        write_json(out / META, meta)
+    for stale in stale_temporaries(out / "shards"):
+        stale.unlink(missing_ok=True)  # torn writes of a killed run
     todo = [i for i in range(n_shards(meta)) if not shard_path(out, i).exists()]
     ranges = [(i, i * shard_size, min(n, (i + 1) * shard_size)) for i in todo]
     if executor == "local":
@@ -182,7 +189,7 @@ def retime_outcomes(src: str | Path, out: str | Path, latency: dict) -> Path:
     src, out = Path(src), Path(out)
     if (out / META).exists():
         raise ValueError(f"retime into a new directory: {out} already holds a table")
-    meta = json.loads((src / META).read_text())
+    meta = read_meta(src)
     model = LatencyModel.from_dict(latency)
     missing = [i for i in range(n_shards(meta)) if not shard_path(src, i).exists()]
     if missing:
@@ -195,14 +202,14 @@ def retime_outcomes(src: str | Path, out: str | Path, latency: dict) -> Path:
                 keys = ("crops", "prompt_tokens", "top_k", "blocks", "decode_steps")
                 r["latency_ms"] = row_latency(model, *(r[k] for k in keys))
         write_shard(out, i, shard)
-    (out / META).write_text(json.dumps({**meta, "latency_model": latency}, indent=1))
+    write_json(out / META, {**meta, "latency_model": latency})
     return out
 
 
 def read_rows(out: str | Path):
     """All rows, sorted by (sample, config), streamed shard by shard."""
     out = Path(out)
-    meta = json.loads((out / META).read_text())
+    meta = read_meta(out)
     for i in range(n_shards(meta)):
         if not shard_path(out, i).exists():
             raise ValueError(f"{out} is incomplete: shard {i} is missing; run the build command again")
@@ -216,7 +223,7 @@ def read_shard(out: Path, i: int):
 
 
 def export_jsonl(out: str | Path, path: str | Path) -> Path:
-    with Path(path).open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for r in read_rows(out):
             f.write(json.dumps(r, sort_keys=True) + "\n")
     return Path(path)
@@ -238,12 +245,16 @@ class OutcomeTable:
 
     def save_npz(self, path: str | Path) -> Path:
         """The compact replay form (a few MB for thousands of samples) that ships beside a model."""
+        with atomic_path(path) as tmp:
+            self._savez(tmp)
+        return Path(path)
+
+    def _savez(self, path: Path) -> None:
         np.savez_compressed(
             path, meta=json.dumps(self.meta), configs=json.dumps([c.__dict__ for c in self.configs]),
             sample_ids=np.array(self.sample_ids), families=np.array(self.families), ok=self.ok,
             score=self.score, exact=self.exact, latency=self.latency, parts=self.parts.astype(np.float16),
         )  # fmt: skip
-        return Path(path)
 
     @classmethod
     def load(cls, out: str | Path) -> OutcomeTable:
@@ -259,7 +270,7 @@ class OutcomeTable:
                        json.loads(str(z["meta"])))  # fmt: skip
         if not (out / META).exists():
             raise ValueError(f"{out} is not an outcome table (no {META})")
-        meta = json.loads((out / META).read_text())
+        meta = read_meta(out)
         configs = [Config(**c) for c in meta["configs"]]
         n, c = meta["n"], len(configs)
         score, exact, latency = (np.zeros((n, c), np.float32) for _ in range(3))
