@@ -28,12 +28,14 @@ from envs.asset_manifest import (
     write_manifest,
 )
 from envs.assets import Assets
+from envs.atomic import atomic_path, write_json, write_text
 from envs.latency import LatencyModel, profile_latency
 from envs.oracle import pareto_plot
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.data import Sample
 from envs.tasks.sources import SPLITS, Columns, DataError, check_samples, load_data, split_samples
 from envs.vlm.checkpoint import EMBEDDED, load_model, weights_digest
+from envs.vlm.crops import to_rgb
 from envs.vlm.evaluate import all_configs
 from envs.vlm.presets import PRESETS
 
@@ -65,10 +67,7 @@ def measure_profile(vlm, device: str, repeats: int = 5, warmup: int = 2) -> dict
 
 
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def _model_root(model: str) -> Path:
@@ -123,17 +122,14 @@ def write_split(samples: list[Sample], out: Path, split: str) -> Path:
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", s.id)
             image = f"images/{safe}.png"
             if not (folder / image).is_file():
-                tmp = folder / f"images/.{safe}.{os.getpid()}.tmp.png"
-                s.image.convert("RGB").save(tmp)
-                os.replace(tmp, folder / image)
+                with atomic_path(folder / image) as tmp:
+                    to_rgb(s.image).save(tmp, format="PNG")
         lines.append(json.dumps({"id": s.id, "image": image, "question": s.question, "answers": list(s.answers),
                                  "family": s.family}))  # fmt: skip
     path = folder / f"{split}.jsonl"
     text = "\n".join(lines) + "\n"
     if not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     return path
 
 
@@ -214,7 +210,7 @@ def prepare_assets(model: str, data: str, out: str | Path, device: str = "cpu", 
         assets = Assets(out)
         for split in manifest["tables"]:
             assets.backend(split)  # computes and caches the split's observation features
-    (out / "summary.md").write_text(summary(manifest, out))
+    write_text(out / "summary.md", summary(manifest, out))
     return out
 
 

@@ -154,7 +154,7 @@ def check_samples(samples: list[Sample]) -> None:
             else:
                 with Image.open(s.image) as im:
                     im.load()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             bad.append(f"{s.id} ({s.image if not isinstance(s.image, Image.Image) else 'image bytes'}: {e})")
     if bad:
         raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(bad[:5]))

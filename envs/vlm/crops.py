@@ -13,6 +13,7 @@ mask of view k + 1 (the global view gets the first tile's) and the last tile a r
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +38,65 @@ class Crops:
         return self.pixels.shape[0]
 
 
-def load_image(image) -> Image.Image:
-    """Accept a PIL image, an HxWx3 uint8 array or a path; anything else is a clear InputError."""
+MAX_PIXELS = int(os.environ.get("KNOB_RL_MAX_PIXELS", 64_000_000))
+"""Largest image (width x height) `load_image` accepts; larger ones are an InputError naming the file and
+its size. Settable per call (`max_pixels`) or for a run (environment variable KNOB_RL_MAX_PIXELS)."""
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of an image of any PIL mode.
+
+    - 16-bit greyscale (I;16, I;16B, I;16L, I;16N, and I, which is how PIL opens 16-bit PNGs and TIFFs):
+      0..65535 scaled by 1/257 (rounded), so 65535 is 255; PIL's own conversion clips to 255 instead,
+      turning a 16-bit image white.
+    - 32-bit float (F): read as [0, 1] when its largest finite value is at most 1, else as [0, 255];
+      clipped to that range, NaN as 0.
+    - With transparency (RGBA, LA, PA, premultiplied La/RGBa, P or L/RGB with a transparency entry):
+      composited on white, as a viewer shows a transparent document.
+    - 1, L, P, CMYK, YCbCr, LAB, HSV: PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()  # a caller's image (or a file's, closed after) is never handed out itself
+    if mode in _SIXTEEN_BIT:
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=0.0)
+        finite = a[np.isfinite(a)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        grey = np.clip(np.rint(np.clip(a * scale, 0, 255)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in _ALPHA or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    return img.convert("RGB")
+
+
+def _check_size(width: int, height: int, where: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InputError(
+            f"{where} is {width} x {height} = {width * height / 1e6:.1f} megapixels, over the limit of "
+            f"{max_pixels / 1e6:g} (raise it with KNOB_RL_MAX_PIXELS, or shrink the image)"
+        )
+
+
+def load_image(image, max_pixels: int | None = None) -> Image.Image:
+    """Accept a PIL image, an HxWx3 uint8 array or a path as 8-bit RGB (`to_rgb`); an image over
+    `max_pixels` (default MAX_PIXELS) or anything else unusable is a clear InputError."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        _check_size(*image.size, "the image", limit)
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(f"an image array must be HxWx3 uint8, got {image.shape} {image.dtype}")
+        _check_size(image.shape[1], image.shape[0], "the image array", limit)
         return Image.fromarray(image)
     if isinstance(image, str | Path):
         path = Path(image)
@@ -51,8 +104,11 @@ def load_image(image) -> Image.Image:
             raise InputError(f"image file not found: {path}")
         try:
             with Image.open(path) as img:
+                _check_size(*img.size, str(path), limit)  # from the header, before decoding
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img)
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{path} is too large to read: {e}") from None
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"cannot read {path} as an image: {e}") from None
     raise InputError(f"unsupported image type {type(image).__name__}")
