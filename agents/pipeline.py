@@ -8,7 +8,6 @@ validation split kept) -> evaluation of BC, PPO and baselines on the test split 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import resource
 import time
@@ -31,6 +30,7 @@ from agents.report import write_report
 from agents.selection import KeepBestOnValidation, gain_threshold
 from agents.serving import load_policy
 from envs.assets import Assets
+from envs.atomic import atomic_path, write_json
 from envs.budgets import Penalty, parse_distribution
 from envs.guard import BudgetGuard
 from envs.threads import use_threads
@@ -58,6 +58,14 @@ def policy_kwargs(args: Args, assets: Assets) -> dict:
     return kwargs
 
 
+def save_policy(model, path: Path, rec: dict) -> None:
+    """The policy zip with its provenance record, written whole (atomically): a kill or a full disk leaves
+    the previous file or none. No absolute path (the TensorBoard folder) is saved in a policy."""
+    with atomic_path(path) as tmp:
+        model.save(tmp, exclude=["tensorboard_log"])
+        provenance.attach(tmp, rec)
+
+
 def run(args: Args) -> Path:
     """Train and evaluate one controller as `args` say; writes the policies, eval.json/.md/.png and
     TensorBoard logs under `args.out` and returns it."""
@@ -65,7 +73,7 @@ def run(args: Args) -> Path:
     use_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str, indent=1))
+    write_json(args.out / "args.json", dataclasses.asdict(args), default=str)
 
     # assets and the training environments (the run's own Assets: a light encoder changes its features)
     assets = Assets(args.assets or args.model, args.quick, args.profile, args.tables, args.allow_mismatch,
@@ -109,8 +117,7 @@ def run(args: Args) -> Path:
     history = behaviour_clone(model.policy, demos, args.bc_epochs, seed=args.seed, log=writer.add_scalar)
     writer.close()
     rec = provenance.record(assets, args.out, controller_ms, guard.ms if guard else None)
-    model.save(args.out / "policy_bc.zip", exclude=["tensorboard_log"])  # no absolute path in a policy
-    provenance.attach(args.out / "policy_bc.zip", rec)
+    save_policy(model, args.out / "policy_bc.zip", rec)
     print(f"behaviour cloning: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs")
 
     # PPO fine-tuning, keeping the best parameters on the validation split
@@ -128,8 +135,7 @@ def run(args: Args) -> Path:
     model.learn(args.ppo_steps, callback=callbacks, progress_bar=True, tb_log_name="ppo")
     if keep is not None:
         print(f"kept the parameters of PPO step {keep.best_step} (validation reward {keep.best:.3f})")
-    model.save(args.out / "policy.zip", exclude=["tensorboard_log"])
-    provenance.attach(args.out / "policy.zip", rec)
+    save_policy(model, args.out / "policy.zip", rec)
 
     # evaluation on the test split, and the report
     bc = load_policy(args.out / "policy_bc.zip")[0]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from agents.evaluation import METRICS
+from envs.atomic import atomic_path, write_json, write_text
 
 ORDER = ("ppo", "bc_only", "oracle", "best_static", "max_config", "random_feasible")
 
@@ -126,12 +126,13 @@ def plot(out: Path, results: dict, full_ms: float) -> None:
             ax.set_xlabel("budget / full-config latency")
         axes[row][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
 def write_report(out: Path, meta: dict, results: dict) -> None:
-    (out / "eval.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (out / "eval.md").write_text(markdown(meta, results))
+    write_json(out / "eval.json", {"meta": meta, "results": results})
+    write_text(out / "eval.md", markdown(meta, results))
     plot(out / "eval.png", results, meta["full_config_ms"])
     print(markdown(meta, results))

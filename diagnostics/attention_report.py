@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from envs.atomic import write_text
 from envs.tasks.synthvqa import FAMILIES, PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, asks_presence, presence_kind
 from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"{args.model}, SynthVQA seed {args.seed}, n={args.n}\n\n" + text)
+        write_text(args.out, f"{args.model}, SynthVQA seed {args.seed}, n={args.n}\n\n" + text)
     return 0
 
 

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
 
+from envs.atomic import write_json
 from envs.tasks.synthvqa import SynthVQA
 from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(spec, row["tier"], row["top_k"], row["blocks"], f"{row['accuracy']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return result
 
 

@@ -16,13 +16,13 @@ writes the report and the table beside it (FILE.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from envs.atomic import write_json, write_text
 from envs.tasks.synthvqa import PRESENCE_KINDS, TRAINING_SEEDS, SynthVQA, complement, presence_kind
 from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-        args.out.with_suffix(".md").write_text(f"{args.model}, SynthVQA seed {args.seed}, n={args.n}\n\n{table}\n")
+        write_json(args.out, report)
+        write_text(args.out.with_suffix(".md"), f"{args.model}, SynthVQA seed {args.seed}, n={args.n}\n\n{table}\n")
     return report
 
 

@@ -9,7 +9,6 @@ FILE.png: accuracy over (top_k, blocks) per tier, overall and per family.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.atomic import atomic_path, write_json
 from envs.outcomes import OutcomeTable
 from envs.tasks.synthvqa import TRAINING_SEEDS, SynthVQA, dataset_spec
 from envs.threads import add_threads_flag, use_threads
@@ -56,7 +56,8 @@ def heat_map(rows: list[dict], cfg, path: Path, title: str) -> None:
                 ax.set_ylabel("top-k")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "vqa_accuracy_full": float(vqa[:, full].mean()), "minutes": (time.time() - t0) / 60,
             "ranking": model.ranking.method}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "configs": rows}, indent=1))
+    write_json(args.out, {"meta": meta, "configs": rows})
     heat_map(rows, model.cfg, args.out.with_suffix(".png"), f"{args.model}: SynthVQA seed {args.seed}, n={args.n}")
     print(f"full config accuracy {rows[full]['accuracy']:.3f}; wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0

@@ -15,13 +15,13 @@ compare with, whatever the image side holds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from envs.atomic import write_json, write_text
 from envs.tasks.synthvqa import COLOURS, TRAINING_SEEDS, asked_object, make_sample
 from envs.tasks.synthvqa import asked_objects as looked_at
 from envs.threads import add_threads_flag, use_threads
@@ -154,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(
-            json.dumps({"model": args.model, "seed": args.seed} | result, indent=1)
-        )
+        write_text(args.out, text)
+        write_json(args.out.with_suffix(".json"), {"model": args.model, "seed": args.seed} | result)
     return 0
 
 

@@ -24,6 +24,8 @@ import re
 import warnings
 from pathlib import Path
 
+from envs.atomic import write_json
+
 MANIFEST = "assets.json"
 FORMAT = 1
 LEGACY_PROFILE = "latency_cpu.json"
@@ -149,11 +151,7 @@ def read_manifest(root: str | Path) -> dict:
 
 def write_manifest(root: str | Path, manifest: dict) -> Path:
     """Write `root/assets.json` whole (a temporary file renamed into place)."""
-    path = Path(root) / MANIFEST
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(root) / MANIFEST, manifest, end="\n")
 
 
 def resolve_profile(root: Path, manifest: dict, profile: str | Path | None) -> tuple[str, Path]:

@@ -84,9 +84,9 @@ def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     return write_bytes(path, text.encode(encoding))
 
 
-def write_json(path: str | Path, data, indent: int | None = 1, **kwargs) -> Path:
-    """Write `data` as JSON (with a final newline) to `path` atomically; `kwargs` go to json.dumps."""
-    return write_text(path, json.dumps(data, indent=indent, **kwargs) + "\n")
+def write_json(path: str | Path, data, indent: int | None = 1, end: str = "", **kwargs) -> Path:
+    """Write `data` as JSON, followed by `end`, to `path` atomically; `kwargs` go to json.dumps."""
+    return write_text(path, json.dumps(data, indent=indent, **kwargs) + end)
 
 
 def stale_temporaries(folder: str | Path) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from envs.atomic import atomic_path
 from envs.budgets import Penalty
 from envs.outcomes import OutcomeTable
 
@@ -126,5 +127,6 @@ def pareto_plot(table: OutcomeTable, path, title: str = "") -> None:
     ax.set_title(title or f"accuracy vs latency of the {len(table.configs)} configs")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

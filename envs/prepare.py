@@ -67,7 +67,7 @@ def measure_profile(vlm, device: str, repeats: int = 5, warmup: int = 2) -> dict
 
 
 def _write_json(path: Path, data) -> None:
-    write_json(path, data)
+    write_json(path, data, end="\n")
 
 
 def _model_root(model: str) -> Path:

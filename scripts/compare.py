@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from envs.atomic import atomic_path, write_text
+
 
 def load(run: Path) -> dict:
     path = run / "eval.json" if run.is_dir() else run
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r[0]} | {r[1]} | " + " | ".join(x if isinstance(x, str) else f"{x:.3f}" for x in r[2:]) + " |"
               for r in rows]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "compare.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ax1.set_title("mean reward per budget distribution")
     ax2.set_title("accuracy against latency (one point per distribution)")
     fig.tight_layout()
-    fig.savefig(args.out / "compare.png", dpi=90)
+    with atomic_path(args.out / "compare.png") as tmp:
+        fig.savefig(tmp, dpi=90)
     print(f"wrote {args.out / 'compare.md'} and {args.out / 'compare.png'}")
     return 0
 

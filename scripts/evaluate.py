@@ -30,6 +30,7 @@ from agents.policy_eval import evaluate
 from agents.report import markdown, plot
 from agents.serving import load_policy
 from envs.assets import Assets, assets_dir, load_assets
+from envs.atomic import write_text
 from envs.budgets import BudgetError, Penalty, parse_distribution
 from envs.outcomes import OutcomeTable, build_outcomes
 from envs.tasks.synthvqa import dataset_spec
@@ -130,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import transformers
 
+from envs.atomic import write_json
 from envs.latency import LatencyModel, profile_latency, timed_answer
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA
 from envs.threads import add_threads_flag, use_threads
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile": args.compile, "bucket": args.bucket if args.fast else None, "minutes": (time.time() - t0) / 60,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(profile, indent=1))
+    write_json(args.out, profile)
     print(f"full-config latency (reference request) {profile['reference_full_ms']:.1f} ms")
     if "live_check" in profile:
         print("latency model vs live:", json.dumps({k: round(v, 3) for k, v in profile["live_check"].items()}))

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from envs.atomic import atomic_path, stale_temporaries, write_bytes, write_json, write_text
 from envs.features import CorruptCacheError, FeatureCache
@@ -23,7 +25,9 @@ def _leftovers(folder, keep):
 def test_text_bytes_and_json_are_written_whole(tmp_path):
     assert write_text(tmp_path / "a.txt", "héllo").read_text() == "héllo"
     assert write_bytes(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
-    assert json.loads(write_json(tmp_path / "sub" / "c.json", {"x": [1, 2]}).read_text()) == {"x": [1, 2]}
+    assert (
+        write_json(tmp_path / "sub" / "c.json", {"x": [1, 2]}, indent=None, end="\n").read_text() == '{"x": [1, 2]}\n'
+    )
     write_text(tmp_path / "a.txt", "second")  # replaces an existing file
     assert (tmp_path / "a.txt").read_text() == "second"
     assert stale_temporaries(tmp_path) == [] and stale_temporaries(tmp_path / "sub") == []
@@ -154,3 +158,33 @@ def test_sigkill_during_a_big_atomic_write_leaves_the_old_file_or_none(tmp_path,
     leftovers = stale_temporaries(tmp_path)  # the killed writer's partial temporary, marked as one
     assert all(p.name.startswith(".big.npz.") for p in leftovers)
     assert set(tmp_path.iterdir()) - set(leftovers) == ({target} if old else set())
+
+
+def test_a_failed_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from training import checkpoints
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    path = tmp_path / "checkpoint.pt"
+    checkpoints.save_checkpoint(path, net, net, opt, step=3)
+
+    def torn(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 torn")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", torn)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.save_checkpoint(path, net, net, opt, step=4)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert _leftovers(tmp_path, "checkpoint.pt") == []
+
+
+def test_a_model_directory_is_saved_whole_and_loads(tiny, tmp_path):
+    from envs.vlm.checkpoint import load_model, save_model
+
+    path = save_model(tiny, tmp_path / "m")
+    assert stale_temporaries(path) == []
+    back = load_model(str(path))
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(back.state_dict()[k].cpu(), v.cpu()), k

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from envs.atomic import atomic_path
+
 
 def save_checkpoint(path: Path, model, probe, opt, step: int, heads: dict[str, nn.Module] | None = None) -> None:
     """Model, probe, optimiser, step and the aids' heads (entry per key). Atomic: a kill at any moment
     leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
     state = {"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(), "step": step}
-    torch.save(state | {key: head.state_dict() for key, head in (heads or {}).items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state | {key: head.state_dict() for key, head in (heads or {}).items()}, tmp)
 
 
 def continue_head(head: nn.Module, name: str, init: Path, key: str, file: str | None = None) -> bool:

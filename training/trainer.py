@@ -21,6 +21,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from envs.atomic import atomic_path, write_json
 from envs.tasks.synthvqa import SPLIT_SEEDS, SynthVQA
 from envs.vlm.checkpoint import build_model, load_dir, save_model
 from envs.vlm.evaluate import Config, accuracy_table, sweep
@@ -137,7 +138,7 @@ def train(args: TrainArgs) -> Path:
     """Train, rank the blocks and save the model to OUT/model (and `ship`); resumes OUT/checkpoint.pt."""
     args.check()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "args.json").write_text(json.dumps(args.to_dict(), indent=1))
+    write_json(args.out / "args.json", args.to_dict())
     model = start_model(args)
     probe = VisionProbe(model.cfg.llm.d_model).to(args.device)
     aids = [aid(args, model) for aid in active_aids(args)]
@@ -215,8 +216,10 @@ def train(args: TrainArgs) -> Path:
     model.ranking = compute_ranking(model, args.ranking, calib, tier="high")
     print(f"block ranking ({model.ranking.method}): {model.ranking.order}")
     out = save_model(model, args.out / "model", dtype=getattr(torch, args.ship_dtype))
-    torch.save(probe.state_dict(), out / PROBE_FILE)  # training-only, read by a later --init
+    with atomic_path(out / PROBE_FILE) as tmp:  # training-only, read by a later --init
+        torch.save(probe.state_dict(), tmp)
     if args.ship:
         save_model(model, args.ship, dtype=getattr(torch, args.ship_dtype))
-        torch.save(probe.state_dict(), args.ship / PROBE_FILE)  # a run from the shipped model continues it
+        with atomic_path(args.ship / PROBE_FILE) as tmp:  # a run from the shipped model continues it
+            torch.save(probe.state_dict(), tmp)
     return out

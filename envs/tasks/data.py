@@ -15,6 +15,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from envs.atomic import atomic_path
+
 
 @dataclass
 class Sample:
@@ -36,11 +38,12 @@ def export_manifest(samples: Iterable[Sample], out_dir: str | Path, name: str = 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    with path.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for s in tqdm(samples, desc="export", leave=False):
             rel = f"images/{s.id}.png"
             if isinstance(s.image, Image.Image):
-                s.image.save(out_dir / rel)
+                with atomic_path(out_dir / rel) as image_tmp:
+                    s.image.save(image_tmp, format="PNG")
             else:
                 rel = str(Path(s.image).resolve())
             row = {"id": s.id, "image": rel, "question": s.question, "answers": s.answers, "family": s.family}

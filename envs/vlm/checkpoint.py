@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from envs.atomic import atomic_path, write_json
 from envs.vlm.errors import CheckpointError
 from envs.vlm.model import KnobVLM
 from envs.vlm.presets import PRESETS, VLMConfig, get_preset
@@ -44,11 +45,13 @@ def build_model(
 
 
 def save_model(model: KnobVLM, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A model directory; each file is written atomically, the weights before the config."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS))
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    write_json(path / CONFIG, model.cfg.to_dict())
     model.tokenizer.save(path / TOKENIZER)
     model.ranking.save(path / RANKING)
     return path

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from envs.atomic import write_json
 from envs.vlm.errors import CheckpointError
 from envs.vlm.metrics import exact_match
 
@@ -43,7 +44,7 @@ class BlockRanking:
         return cls(method, order, {int(i): float(s) for i, s in scores.items()}, calibration)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path, n_layers: int) -> BlockRanking:

@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from envs.atomic import atomic_path
 from envs.vlm.errors import CheckpointError
 
 SPECIAL_TOKENS = {
@@ -89,7 +90,8 @@ class TextTokenizer:
         return self.encode(f"{' ' if start_with_space else ''}User: {question} Assistant:")
 
     def save(self, path: Path) -> None:
-        self.tokenizer.save(str(path))
+        with atomic_path(path) as tmp:
+            self.tokenizer.save(str(tmp))
 
     @classmethod
     def load(cls, path: Path) -> TextTokenizer:
