@@ -345,9 +345,13 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
     if path.exists():
         try:
             features = FeatureCache.load(path)
+            n, tiers = len(table.sample_ids), KnobSpace.from_config(model.cfg).n_tier
+            if len(features.prompt) != n or features.kv.shape[:2] != (n, tiers):
+                raise CorruptCacheError(f"feature cache {path} holds arrays of other shapes than {table_path} needs")
         except CorruptCacheError as e:
             warnings.warn(f"{e}; rebuilding it", stacklevel=2)
             path.unlink(missing_ok=True)
+            features = None
     if features is None:
         features = FeatureCache.build(model, dataset_samples(table.meta["dataset"]))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,10 @@ def test_a_torn_feature_cache_is_rebuilt_with_a_warning(world, tmp_path):
         backend = replay_backend(tiny, table_path, latency, cache_dir=tmp_path / "cache")
     np.testing.assert_allclose(backend.prompt(0), feats.prompt[0], atol=1e-6)
     np.testing.assert_allclose(FeatureCache.load(cache).kv, feats.kv, atol=1e-5)  # rebuilt whole on disk
+    _small_cache(n=2).save(cache)  # a whole npz of other shapes: foreign, rebuilt too
+    with pytest.warns(UserWarning, match=f"{cache.name} holds arrays of other shapes"):
+        replay_backend(tiny, table_path, latency, cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(FeatureCache.load(cache).prompt, feats.prompt, atol=1e-6)
     assert stale_temporaries(tmp_path / "cache") == []
 
 
