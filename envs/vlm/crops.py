@@ -200,13 +200,6 @@ def image_size(image) -> tuple[int, int]:
     return img.height, img.width
 
 
-def crop_count(size: tuple[int, int], max_crops: int, cfg: VisionConfig) -> int:
-    """How many views `make_crops` makes (global view + tiles) for an image of `size` (height, width):
-    known before any pixel work, so a controller can predict a tier's cost before choosing it."""
-    rows, cols = tiling_for(size[0], size[1], max_crops, cfg)
-    return 1 + rows * cols
-
-
 def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
     img = load_image(image)
     if img.width < 1 or img.height < 1:
