@@ -11,7 +11,6 @@ timed with another profile, and turns a split into a replay backend the first ti
 from __future__ import annotations
 
 import functools
-import json
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.asset_manifest import (
+    SPLITS,
     AssetsError,
     check_profile,
     check_table,
@@ -34,8 +34,6 @@ from envs.vlm.checkpoint import EMBEDDED, load_model, weights_digest
 from envs.vlm.evaluate import Config
 from envs.vlm.presets import PRESETS
 
-PROFILE = "latency_cpu.json"
-SPLITS = ("train", "val", "test")
 QUICK_REQUESTS = {"val": 200, "test": 400}  # `quick`: the first requests of the held-out splits
 BUDGET_REFERENCES = ("profile", "data")  # what budget fractions (tight, loose, ...) are fractions of
 
@@ -73,7 +71,7 @@ def read_profile(path: Path) -> tuple[LatencyModel, float]:
     """The latency model of a profile file and its full config's reference latency (ms)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; see README (profile_latency)")
-    profile = json.loads(path.read_text())
+    profile = read_profile_file(path)
     return LatencyModel.from_dict(profile["model"]), float(profile["reference_full_ms"])
 
 
