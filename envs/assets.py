@@ -133,8 +133,9 @@ class Assets:
     def data_full_ms(self) -> float:
         """The median latency of the train split's requests at the full config (the largest knobs), as the
         profile in use predicts it from each request's shapes."""
-        self.check_table("train")  # its latencies are the profile's
-        table = OutcomeTable.load(self.table_path("train")).valid()
+        table = OutcomeTable.load(self.table_path("train"))
+        self.check_table("train", table)  # its latencies are the profile's
+        table = table.valid()
         knobs = self.vlm.cfg.knob_lists()
         full = Config(knobs["tier"][-1], max(knobs["top_k"]), max(knobs["blocks"]))
         if full not in table.configs or not len(table.sample_ids):
@@ -149,10 +150,11 @@ class Assets:
         entry = self.manifest["tables"].get(split)
         return self.root / (entry["file"] if entry else f"outcomes/{split}.npz")
 
-    def check_table(self, split: str) -> dict:
-        """The split's table meta, refused (or warned about) if of other weights or another profile."""
+    def check_table(self, split: str, table: OutcomeTable | None = None) -> dict:
+        """The split's table meta (of `table`, the split's table already loaded, if given), refused (or
+        warned about) if of other weights or another profile."""
         path = self.table_path(split)
-        meta = OutcomeTable.load(path).meta
+        meta = (table if table is not None else OutcomeTable.load(path)).meta
         check_table(meta, str(path), self.weights, self.latency_hash, self.profile_name, self.allow_mismatch)
         return meta
 
