@@ -25,7 +25,7 @@ import torch
 from agents.serving import load_server
 from envs.budgets import BudgetError
 from envs.latency import timed_answer
-from envs.threads import use_threads
+from envs.threads import add_threads_flag, use_threads
 from envs.vlm.checkpoint import load_model, model_config
 from envs.vlm.errors import CheckpointError, InputError, KnobError
 
@@ -44,12 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="with --policy: untimed runs of the request first")
     ap.add_argument("--profile", help="with --policy: the latency profile (a file, or a name in the policy's assets) "
                                       "instead of the one it was trained with")  # fmt: skip
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: with --policy, those its profile was measured with; else 1)",
-    )
+    threads = add_threads_flag(ap)
+    threads.help = "torch CPU threads (default: with --policy, those its profile was measured with; else 1)"
     ap.add_argument("--json", action="store_true", help="print one JSON object with the answer and its costs")
     ap.add_argument("--list-knobs", action="store_true", help="print the knob values and tiers' max-crops as JSON")
     ap.add_argument(
@@ -60,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         help="with --json: the first generated token's N largest logits, as [[token_id, value], ...]",
     )
     args = ap.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        ap.error("--threads must be at least 1")
     if args.policy is not None:
         return _serve(ap, args)
     use_threads(args.threads)
