@@ -337,6 +337,7 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
     once and cached on disk."""
     table = OutcomeTable.load(table_path)
     table = table if first is None else table.head(first)
+    space = KnobSpace.from_config(model.cfg)
     if table.configs != all_configs(model):
         raise ValueError(f"{table_path} was built for other knob values than model {model.cfg.name}")
     cache_dir = Path(cache_dir or os.environ.get("KNOB_RL_CACHE", Path.home() / ".cache" / "knob-rl"))
@@ -345,7 +346,7 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
     if path.exists():
         try:
             features = FeatureCache.load(path)
-            n, tiers = len(table.sample_ids), KnobSpace.from_config(model.cfg).n_tier
+            n, tiers = len(table.sample_ids), space.n_tier
             if len(features.prompt) != n or features.kv.shape[:2] != (n, tiers):
                 raise CorruptCacheError(f"feature cache {path} holds arrays of other shapes than {table_path} needs")
         except CorruptCacheError as e:
@@ -356,7 +357,7 @@ def replay_backend(model, table_path, latency_model: LatencyModel, cache_dir=Non
         features = FeatureCache.build(model, dataset_samples(table.meta["dataset"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         features.save(path)
-    return ReplayBackend(table, features, latency_model, KnobSpace.from_config(model.cfg))
+    return ReplayBackend(table, features, latency_model, space)
 
 
 def make_env(kind: str, backend, budgets: BudgetDistribution, full_ms: float, cfg, penalty=None,
