@@ -206,51 +206,53 @@ def make_crops(image, max_crops: int, cfg: VisionConfig) -> Crops:
         raise InputError("the image is empty")
     if cfg.layout == "molmo":
         return _molmo_crops(img, max_crops, cfg)
-    size, patch = cfg.crop_size, cfg.patch_size
+    size = cfg.crop_size
     pixels, mask, placement = resize_and_pad(img, size, size)
     views, regions = [(pixels, mask)], [_region(placement, 0, 0, size)]
     tiling = tiling_for(img.height, img.width, max_crops, cfg)
     if max_crops > 0:
-        margin = cfg.overlap_margin * patch
-        window = size - 2 * margin
-        big, big_mask, placement = resize_and_pad(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
-        for i in range(tiling[0]):
-            for j in range(tiling[1]):
-                y, x = i * window, j * window
-                views.append((big[y : y + size, x : x + size], big_mask[y : y + size, x : x + size]))
-                regions.append(_region(placement, y, x, size))
-    n, p = len(views), cfg.patches_per_side
+        tiles, tile_regions = _tiles(resize_and_pad, img, tiling, cfg)
+        views, regions = views + tiles, regions + tile_regions
+    n = len(views)
     table = level_table(tuple(cfg.mean), tuple(cfg.std))
     pixels = np.empty((n, 3, size, size), dtype=np.float32)
     for v, (view, _) in enumerate(views):
         for c in range(3):
             np.take(table[c], view[:, :, c], out=pixels[v, c])
-    covered = np.stack([v[1] for v in views]).reshape(n, p, patch, p, patch).sum(axis=(2, 4), dtype=np.int32)
-    return Crops(pixels, covered.astype(np.float32) / np.float32(patch * patch), tiling, np.array(regions))
+    return Crops(pixels, _coverage([m for _, m in views], cfg), tiling, np.array(regions))
+
+
+def _tiles(resize, img: Image.Image, tiling: tuple[int, int], cfg: VisionConfig) -> tuple[list, list]:
+    """The tiled crops, row by row, cut from one `resize(img, height, width)` (as `resize_and_pad`) of the
+    image to the tiling's size: their (pixels, mask) pairs and the regions they cover."""
+    size, margin = cfg.crop_size, cfg.overlap_margin * cfg.patch_size
+    window = size - 2 * margin
+    big, big_mask, placement = resize(img, tiling[0] * window + 2 * margin, tiling[1] * window + 2 * margin)
+    views, regions = [], []
+    for i in range(tiling[0]):
+        for j in range(tiling[1]):
+            y, x = i * window, j * window
+            views.append((big[y : y + size, x : x + size], big_mask[y : y + size, x : x + size]))
+            regions.append(_region(placement, y, x, size))
+    return views, regions
+
+
+def _coverage(masks: list[np.ndarray], cfg: VisionConfig) -> np.ndarray:
+    """[n, P, P] float32: the fraction of each patch of each view's 0/1 pixel mask that is image."""
+    p, patch = cfg.patches_per_side, cfg.patch_size
+    covered = np.stack(masks).reshape(len(masks), p, patch, p, patch).sum(axis=(2, 4), dtype=np.int32)
+    return covered.astype(np.float32) / np.float32(patch * patch)
 
 
 def _molmo_crops(img: Image.Image, max_crops: int, cfg: VisionConfig) -> Crops:
     """Molmo's views: the global view, then the tiles row by row; Molmo's masks (see module doc)."""
     if max_crops < 1:
         raise InputError(f"a Molmo-layout model needs max_crops >= 1, got {max_crops}")
-    size, patch, p = cfg.crop_size, cfg.patch_size, cfg.patches_per_side
-    glob, _, placement = molmo_resize_and_pad(img, size, size, cfg.mean, cfg.std)
-    views, regions = [glob], [_region(placement, 0, 0, size)]
-    rows, cols = tiling_for(img.height, img.width, max_crops, cfg)
-    margin = cfg.overlap_margin * patch
-    window = size - 2 * margin
-    big, big_mask, placement = molmo_resize_and_pad(
-        img, rows * window + 2 * margin, cols * window + 2 * margin, cfg.mean, cfg.std
-    )
-    masks = []
-    for i in range(rows):
-        for j in range(cols):
-            y, x = i * window, j * window
-            views.append(big[y : y + size, x : x + size])
-            masks.append(big_mask[y : y + size, x : x + size])
-            regions.append(_region(placement, y, x, size))
-    covered = np.stack(masks).reshape(len(masks), p, patch, p, patch).sum(axis=(2, 4), dtype=np.int32)
-    tile_masks = covered.astype(np.float32) / np.float32(patch * patch)
-    patch_mask = np.concatenate([tile_masks, np.full((1, p, p), -1.0, dtype=np.float32)])
-    pixels = np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))
-    return Crops(pixels, patch_mask, (rows, cols), np.array(regions))
+    size, p = cfg.crop_size, cfg.patches_per_side
+    resize = functools.partial(molmo_resize_and_pad, mean=cfg.mean, std=cfg.std)
+    glob, _, placement = resize(img, size, size)
+    tiling = tiling_for(img.height, img.width, max_crops, cfg)
+    tiles, regions = _tiles(resize, img, tiling, cfg)
+    patch_mask = np.concatenate([_coverage([m for _, m in tiles], cfg), np.full((1, p, p), -1.0, dtype=np.float32)])
+    pixels = np.ascontiguousarray(np.stack([glob] + [t for t, _ in tiles]).transpose(0, 3, 1, 2))
+    return Crops(pixels, patch_mask, tiling, np.array([_region(placement, 0, 0, size)] + regions))
