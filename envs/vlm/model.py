@@ -271,13 +271,14 @@ class KnobVLM(nn.Module):
         valid = torch.zeros(b, t, dtype=torch.bool, device=self.device)
         rows, cols, picked = [], [], []
         first_view, per_view = 0, tokens.shape[1]
-        for i, (seq, src) in enumerate(zip(pre.token_ids, pre.sources(), strict=True)):
+        for i, seq in enumerate(pre.token_ids):
             offset = t - len(seq)
             ids[i, offset:] = torch.tensor(seq, device=self.device)
             valid[i, offset:] = True
             rows += [i] * len(pre.patch_positions[i])
             cols += [offset + p for p in pre.patch_positions[i]]
-            picked += [first_view * per_view + s for s in src]
+            if pre.token_sources is not None:  # the per-tile layout takes every pooled token in order
+                picked += [first_view * per_view + s for s in pre.token_sources[i]]
             first_view += pre.crops[i].n_crops
         targets = None
         if any(pre.answer_lengths):
@@ -285,7 +286,7 @@ class KnobVLM(nn.Module):
             for i, n in enumerate(pre.answer_lengths):
                 targets[i, t - n :] = ids[i, t - n :]
         embeds = self.llm.embed_tokens(ids)
-        flat = tokens.reshape(-1, tokens.shape[-1])  # per-tile layout: every pooled token, in order
+        flat = tokens.reshape(-1, tokens.shape[-1])
         embeds = embeds.index_put(
             (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)),
             flat if pre.token_sources is None else flat[torch.tensor(picked, device=self.device)],
